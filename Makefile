@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Everything else supports them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo demo-down clean-bench settings-table
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+## setup: the venv with pinned requirements, debootstrap and a Docker engine that answers
+setup: $(BIN)/.installed
+	sh tests/bench/ensure-host.sh
+
+## test: the whole suite: settings checks, then every topology deployed into containers
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## test-fast: only the checks that need no container
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -m "not bench" $(PYTEST_ARGS)
+
+## demo: the split topology in local containers, deployed with `pyinfra inventory.py deploy.py`
+demo: setup
+	$(BIN)/python -m tests.bench.sandbox up
+
+## demo-down: remove the demo's containers, network and files
+demo-down: $(BIN)/.installed
+	$(BIN)/python -m tests.bench.sandbox down
+
+## clean-bench: remove every container and network any bench run left on this machine
+clean-bench: $(BIN)/.installed
+	$(BIN)/python -c "from tests.bench import remove_all_bench_resources as clean; clean()"
+
+## settings-table: print the settings table README.md shows
+settings-table: $(BIN)/.installed
+	$(BIN)/python settings.py

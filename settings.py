@@ -1,0 +1,416 @@
+"""
+Every knob of the deployment, with its default and one sentence, in one place.
+
+Settings are pyinfra host data: set them for all hosts in ``group_data/all.py``, for a group in
+``group_data/<group>.py``, or for one run with ``pyinfra ... --data name=value``. Secrets are
+never settings: they come from environment variables or an untracked secrets file (see
+``Secrets``), so nothing secret is committed with the inventory.
+
+Everything is validated when the deploy starts, before any operation runs: an unknown name, a
+wrong type, a bad value, a missing or weak secret or an impossible topology stops the run with
+one message that names the setting and how to fix it.
+
+``python settings.py`` prints the settings table that README.md shows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import ssl
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+from pyinfra.api.exceptions import PyinfraError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+#: Inventory groups, each a role. A host may be in several.
+GROUPS = ("redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring")
+#: Groups whose hosts run application code and so need the broker and the result database.
+APP_GROUPS = ("web", "workers", "beat")
+
+#: Per-host data that is not a setting: the address other hosts reach this one on.
+HOST_KEYS = ("private_address",)
+#: Host data that belongs to pyinfra and its connectors, not to us.
+PYINFRA_KEY_PREFIXES = ("_", "ssh_", "winrm_", "docker_", "podman_", "chroot_", "local_", "terraform_")
+
+
+class SettingsError(PyinfraError):
+    """Bad input: raised before any operation runs, so no host is changed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks: each returns an error sentence or None.
+# --------------------------------------------------------------------------------------------
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port between 1 and 65535"
+
+
+def _positive(value: int | float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be a fraction between 0 and 1, e.g. 0.6"
+
+
+def _identifier(value: str) -> str | None:
+    if re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        return None
+    return "must be lower-case letters, digits and underscores, starting with a letter"
+
+
+def _size(value: str) -> str | None:
+    if re.fullmatch(r"\d+(\.\d+)?(kB|MB|GB|KiB|MiB|GiB)?", value):
+        return None
+    return "must be a size such as 1GB or 500MB"
+
+
+def _save_points(value: str) -> str | None:
+    numbers = value.split()
+    if numbers and len(numbers) % 2 == 0 and all(n.isdigit() for n in numbers):
+        return None
+    return 'must be pairs of "<seconds> <changes>", e.g. "3600 1 300 100 60 10000"'
+
+
+def _proxy_url(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", value):
+        return None
+    return 'must be empty or a URL such as "http://10.0.0.1:3142"'
+
+
+def _pg_version(value: str) -> str | None:
+    return None if value == "auto" or value.isdigit() else 'must be "auto" or a major version like "15"'
+
+
+def _ca_files(paths: list[str]) -> str | None:
+    for path in paths:
+        error = ca_file_error(path)
+        if error:
+            return error
+    return None
+
+
+def ca_file_error(path: str) -> str | None:
+    """Why ``path`` is not a readable PEM file of CA certificates, or None if it is one."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return f"{path} does not exist on this machine"
+    text = file.read_text(errors="replace")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        return f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        ssl.create_default_context(cadata=text)
+    except ssl.SSLError as error:
+        return f"{path} is not a valid PEM certificate: {error}"
+    return None
+
+
+def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    """Declare a setting: its default, the sentence the README shows, and an optional check."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "check": check})
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+# --------------------------------------------------------------------------------------------
+# The settings.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one host, resolved from its pyinfra host data over these defaults."""
+
+    # Base system
+    apt_proxy: str = setting(
+        "", "HTTP proxy for apt on every host (e.g. an apt-cacher-ng); empty for none.", _proxy_url
+    )
+    apt_cache_valid_seconds: int = setting(
+        3600, "apt's package lists younger than this are not refreshed on a re-run.", _positive
+    )
+    extra_ca_certificates: list[str] = setting(
+        [],
+        "Paths, on the machine running pyinfra, of PEM CA certificates every host must trust "
+        "(TLS-intercepting proxies, private mirrors).",
+        _ca_files,
+    )
+
+    # Redis
+    redis_port: int = setting(6379, "TCP port Redis listens on (private address and loopback).", _port)
+    redis_save: str = setting(
+        "3600 1 300 100 60 10000",
+        "RDB snapshot points: pairs of <seconds> <changes> after which Redis snapshots to disk.",
+        _save_points,
+    )
+    redis_appendfsync: str = setting(
+        "everysec",
+        "AOF fsync policy: everysec loses at most about one second of writes on a host crash; "
+        "always loses none and is slower.",
+        lambda v: None if v in ("everysec", "always") else 'must be "everysec" or "always"',
+    )
+
+    # RabbitMQ
+    rabbitmq_port: int = setting(5672, "AMQP port RabbitMQ listens on (private address and loopback).", _port)
+    rabbitmq_prometheus_port: int = setting(
+        15692, "Port of RabbitMQ's built-in Prometheus endpoint (private address).", _port
+    )
+    rabbitmq_vhost: str = setting("celery", "RabbitMQ virtual host of the application.", _identifier)
+    rabbitmq_user: str = setting("celery", "RabbitMQ user of the application (all rights on its vhost only).", _identifier)
+    rabbitmq_disk_free_limit: str = setting(
+        "1GB", "RabbitMQ blocks publishers when free disk falls below this (disk_free_limit.absolute).", _size
+    )
+    rabbitmq_vm_memory_high_watermark: float = setting(
+        0.4, "Fraction of RAM at which RabbitMQ blocks publishers (vm_memory_high_watermark.relative).", _fraction
+    )
+    rabbitmq_consumer_timeout_ms: int = setting(
+        3_600_000,
+        "A delivery not acknowledged within this many ms closes its channel and is redelivered; "
+        "must exceed the longest task, since tasks are acknowledged when they finish.",
+        _positive,
+    )
+
+    # PostgreSQL
+    postgresql_version: str = setting(
+        "auto", 'Major version of the distribution\'s PostgreSQL; "auto" picks the release\'s default.', _pg_version
+    )
+    postgresql_port: int = setting(5432, "TCP port PostgreSQL listens on (private address and loopback).", _port)
+    postgresql_database: str = setting("celerydb", "Database holding Celery's results.", _identifier)
+    postgresql_user: str = setting("celeryuser", "Role owning that database, used by the application.", _identifier)
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets.
+# --------------------------------------------------------------------------------------------
+
+#: Environment variable naming the secrets file; by default ``secrets.env`` beside deploy.py.
+SECRETS_FILE_VARIABLE = "STACK_SECRETS_FILE"
+MIN_SECRET_LENGTH = 16
+#: Values that are defaults somewhere, or placeholders: refused whatever their length.
+WEAK_SECRETS = {"guest", "password", "changeme", "secret", "admin", "celery", "redis", "postgres", "rabbitmq"}
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Passwords, read from the environment or the untracked secrets file (environment wins)."""
+
+    redis_password: str = field(metadata={"env": "STACK_REDIS_PASSWORD", "help": "Redis requirepass."})
+    rabbitmq_password: str = field(metadata={"env": "STACK_RABBITMQ_PASSWORD", "help": "Password of the RabbitMQ user."})
+    postgresql_password: str = field(
+        metadata={"env": "STACK_POSTGRESQL_PASSWORD", "help": "Password of the PostgreSQL role (stored as SCRAM-SHA-256)."}
+    )
+
+
+def secrets_file() -> Path:
+    return Path(os.environ.get(SECRETS_FILE_VARIABLE) or PROJECT_DIR / "secrets.env")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments ignored; optional single or double quotes."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SettingsError(f"{path} line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip().removeprefix("export ").strip()] = value
+    return values
+
+
+def secret_problem(value: str) -> str | None:
+    """Why ``value`` is not acceptable as a password, or None."""
+    if not value:
+        return "is missing or empty"
+    if value.lower() in WEAK_SECRETS or re.fullmatch(r"(.)\1*", value):
+        return "is a default or placeholder value"
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"is shorter than {MIN_SECRET_LENGTH} characters"
+    return None
+
+
+def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
+    """Read and check every secret; one error lists all that are wrong and how to set them."""
+    environ = os.environ if environ is None else environ
+    path = secrets_file()
+    from_file = _read_env_file(path)
+    values, problems = {}, []
+    for item in fields(Secrets):
+        variable = item.metadata["env"]
+        value = environ.get(variable) or from_file.get(variable, "")
+        problem = secret_problem(value)
+        if problem:
+            problems.append(f"{variable} {problem}")
+        values[item.name] = value
+    if problems:
+        raise SettingsError(
+            "; ".join(problems)
+            + f". Set each in the environment or in {path} (KEY=VALUE, never committed), "
+            f"e.g. {fields(Secrets)[0].metadata['env']}=$(openssl rand -hex 24)."
+        )
+    return Secrets(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and validation.
+# --------------------------------------------------------------------------------------------
+
+
+def _type_error(name: str, expected: Any, value: Any) -> str | None:
+    """Check ``value`` against the annotation; bool is not accepted where int is expected."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    origin = getattr(expected, "__origin__", None)
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return None
+        return f"{name} must be a list of strings, not {value!r}"
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return None
+    return f"{name} must be of type {expected.__name__}, not {type(value).__name__} ({value!r})"
+
+
+def _coerce(expected: Any, value: Any) -> Any:
+    """``--data name=value`` arrives as a string: read it as the setting's type when it parses."""
+    if not isinstance(value, str) or expected is str:
+        return value
+    try:
+        if expected is int:
+            return int(value)
+        if expected is float:
+            return float(value)
+        if getattr(expected, "__origin__", None) is list:
+            return [part for part in value.split(",") if part]
+    except ValueError:
+        pass
+    return value
+
+
+def resolve(data: dict[str, Any], where: str) -> tuple[Settings, list[str]]:
+    """Settings from one host's data, and every problem found (unknown names, types, values)."""
+    hints = get_type_hints(Settings)
+    known = {item.name for item in fields(Settings)}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    for key in data:
+        if key in known or key in HOST_KEYS or key.startswith(PYINFRA_KEY_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; see the settings table in README.md"
+        problems.append(f"{where}: unknown setting {key!r}{hint}")
+
+    for item in fields(Settings):
+        if item.name not in data:
+            continue
+        value = _coerce(hints[item.name], data[item.name])
+        error = _type_error(item.name, hints[item.name], value)
+        if not error and item.metadata["check"]:
+            check_error = item.metadata["check"](value)
+            error = check_error and f"{item.name} {check_error} (got {value!r})"
+        if error:
+            problems.append(f"{where}: {error}")
+        else:
+            values[item.name] = value
+
+    return Settings(**values), problems
+
+
+def private_address(host: Any) -> str:
+    """The address other hosts reach ``host`` on: its ``private_address`` data, else its name."""
+    return str(host.data.get("private_address") or host.name)
+
+
+def _topology_problems(inventory: Any) -> list[str]:
+    problems = []
+    for host in inventory:
+        address = private_address(host)
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            problems.append(
+                f"host {host.name}: private_address {address!r} is not an IP address; "
+                "set private_address in inventory.py to the address other hosts reach it on"
+            )
+            continue
+        if ip.is_loopback or ip.is_unspecified:
+            problems.append(
+                f"host {host.name}: private_address {address} is not reachable from other hosts; "
+                "set it to the host's private network address"
+            )
+        if not any(group in host.groups for group in GROUPS):
+            problems.append(
+                f"host {host.name} is in no group; add it to one of {', '.join(GROUPS)} in inventory.py"
+            )
+    for group, dependants in (("redis", APP_GROUPS), ("rabbitmq", APP_GROUPS), ("postgres", APP_GROUPS)):
+        servers = inventory.get_group(group, [])
+        if len(servers) > 1:
+            problems.append(
+                f"group {group} has {len(servers)} hosts; this deploy runs exactly one {group} "
+                "server: keep one host in it"
+            )
+        if not servers and any(inventory.get_group(g, []) for g in dependants):
+            problems.append(f"group {group} is empty but the application needs it; add a host to {group}")
+    return problems
+
+
+@cache
+def validate(inventory: Any) -> Secrets:
+    """Check the whole run once: every host's settings, the secrets and the topology."""
+    problems: list[str] = []
+    for host in inventory:
+        problems += resolve(host.data.dict(), f"host {host.name}")[1]
+    problems += _topology_problems(inventory)
+    try:
+        secrets = load_secrets()
+    except SettingsError as error:
+        problems.append(str(error))
+        secrets = None
+    if problems:
+        raise SettingsError("invalid configuration, nothing was changed:\n  - " + "\n  - ".join(problems))
+    return secrets
+
+
+_resolved: dict[str, Settings] = {}
+
+
+def for_host(host: Any) -> Settings:
+    """Resolved settings of ``host`` (run ``validate`` first: problems are not reported here)."""
+    if host.name not in _resolved:
+        _resolved[host.name] = resolve(host.data.dict(), f"host {host.name}")[0]
+    return _resolved[host.name]
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation.
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    """The settings and secrets tables exactly as README.md shows them."""
+    lines = ["| Setting | Default | What it does |", "| --- | --- | --- |"]
+    for item in fields(Settings):
+        default = item.default_factory() if item.default is MISSING else item.default
+        lines.append(f"| `{item.name}` | `{default!r}` | {item.metadata['help']} |")
+    lines += ["", "| Secret (environment variable) | What it is |", "| --- | --- |"]
+    for item in fields(Secrets):
+        lines.append(f"| `{item.metadata['env']}` | {item.metadata['help']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

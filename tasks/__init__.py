@@ -1,0 +1,59 @@
+"""
+One module per service, each a ``@deploy``; the helpers here are what they share.
+
+Templates are rendered here, on the machine running pyinfra, and uploaded with ``files.put``:
+the values (some of them secrets) then never appear among the operation's arguments, which
+pyinfra prints with ``--json`` and in its debug output; only a hash of the content does.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from pyinfra import host, inventory
+
+import settings
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+FILES_DIR = PROJECT_DIR / "files"
+
+_jinja = Environment(
+    loader=FileSystemLoader(PROJECT_DIR / "templates"),
+    undefined=StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render(template: str, **context: Any) -> StringIO:
+    """Render ``templates/<template>`` with ``context``; a missing variable is an error."""
+    return StringIO(_jinja.get_template(template).render(**context))
+
+
+def shipped_file(name: str) -> str:
+    """Path of a static file shipped under ``files/``."""
+    return str(FILES_DIR / name)
+
+
+def group_hosts(group: str) -> list:
+    """Hosts of an inventory group (empty list if the inventory has no such group)."""
+    return inventory.get_group(group, [])
+
+
+def server_of(group: str):
+    """The one host of a server group (redis, rabbitmq, postgres); validated to exist."""
+    return group_hosts(group)[0]
+
+
+def address() -> str:
+    """This host's private address."""
+    return settings.private_address(host)
+
+
+def app_host_addresses() -> list[str]:
+    """Private addresses of every host that runs application code, sorted and unique."""
+    return sorted({settings.private_address(h) for g in settings.APP_GROUPS for h in group_hosts(g)})

@@ -1,0 +1,167 @@
+"""
+PostgreSQL from Debian's postgresql package: Celery's result database and its owner role.
+
+The server listens on the private address (a conf.d file we own); pg_hba.conf, as packaged,
+gets one managed block that admits the role, with SCRAM-SHA-256, from loopback and from the
+hosts of the application groups only.
+
+The role's password is compared with the SCRAM verifier PostgreSQL stores, here on the machine
+running pyinfra, and set (as a verifier, never as plain text) only when it differs, so a re-run
+changes nothing and a changed password is applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import os
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy
+from pyinfra.facts.server import LinuxDistribution
+from pyinfra.operations import files, postgresql, systemd
+from pyinfra.operations.util import any_changed
+
+import settings
+from tasks import address, app_host_addresses, render, shipped_file
+
+#: Default PostgreSQL major version of each release, as its "postgresql" package installs.
+DEFAULT_VERSIONS = {("Debian", 12): "15", ("Debian", 13): "17", ("Ubuntu", 22): "14", ("Ubuntu", 24): "16"}
+SCRAM_ITERATIONS = 4096
+
+
+def version() -> str:
+    """PostgreSQL major version on this host: the setting, or the release's default."""
+    configured = settings.for_host(host).postgresql_version
+    if configured != "auto":
+        return configured
+    distribution = host.get_fact(LinuxDistribution)
+    key = (distribution["name"], distribution["major"])
+    if key not in DEFAULT_VERSIONS:
+        raise settings.SettingsError(
+            f"host {host.name}: no known default PostgreSQL version for {key[0]} {key[1]}; "
+            "set postgresql_version (e.g. in group_data/all.py)"
+        )
+    return DEFAULT_VERSIONS[key]
+
+
+def packages() -> list[str]:
+    return [f"postgresql-{version()}"]
+
+
+class PostgresRoleVerifier(FactBase):
+    """The stored password verifier of a role (``SCRAM-SHA-256$...``), or None."""
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "psql"
+
+    def command(self, role: str, port: int) -> str:
+        return (
+            f"psql -p {int(port)} -tAc \"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'\" "
+            "2>/dev/null || true"
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output and output[0].strip() else None
+
+
+def _scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    return hashlib.sha256(client_key).digest(), server_key
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The verifier PostgreSQL stores for ``password`` (RFC 5803 format)."""
+    salt = os.urandom(16) if salt is None else salt
+    stored_key, server_key = _scram_keys(password, salt, iterations)
+    encode = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{encode(salt)}${encode(stored_key)}:{encode(server_key)}"
+
+
+def scram_matches(password: str, verifier: str | None) -> bool:
+    """Whether ``verifier`` was made from ``password``."""
+    try:
+        method, rest = verifier.split("$", 1)
+        params, keys = rest.split("$")
+        iterations, salt = params.split(":")
+        if method != "SCRAM-SHA-256":
+            return False
+        expected = scram_verifier(password, base64.b64decode(salt), int(iterations))
+    except (AttributeError, ValueError):
+        return False
+    return hmac.compare_digest(expected, verifier)
+
+
+def _cidr(ip: str) -> str:
+    return str(ipaddress.ip_network(ip))
+
+
+@deploy("PostgreSQL")
+def postgresql_server(secrets: settings.Secrets) -> None:
+    config = settings.for_host(host)
+    major = version()
+    config_dir = f"/etc/postgresql/{major}/main"
+    service = f"postgresql@{major}-main"
+    psql = dict(psql_port=config.postgresql_port, _sudo_user="postgres")
+
+    our_config = files.put(
+        name="Write our PostgreSQL settings (listen address, port, SCRAM)",
+        src=render("postgresql.conf.j2", address=address(), port=config.postgresql_port),
+        dest=f"{config_dir}/conf.d/50-stack.conf",
+        user="postgres",
+        group="postgres",
+        mode="0644",
+    )
+    hba = files.block(
+        name="Admit the application role from loopback and the application hosts only",
+        path=f"{config_dir}/pg_hba.conf",
+        content=render(
+            "pg_hba.block.j2",
+            database=config.postgresql_database,
+            user=config.postgresql_user,
+            cidrs=["127.0.0.1/32"] + [_cidr(ip) for ip in app_host_addresses()],
+        ).getvalue().strip(),
+        marker="# {mark} celery application access, managed by the deploy",
+    )
+    dropin = files.put(
+        name="Make systemd restart PostgreSQL always and start it after the network",
+        src=shipped_file("restart-on-failure.conf"),
+        dest=f"/etc/systemd/system/{service}.service.d/50-stack.conf",
+        mode="0644",
+    )
+    systemd.daemon_reload(name="Reload systemd after the PostgreSQL drop-in changed", _if=dropin.did_change)
+    systemd.service(name="Keep PostgreSQL enabled and running", service=service, running=True, enabled=True)
+    systemd.service(
+        name="Restart PostgreSQL to apply the changed configuration",
+        service=service,
+        restarted=True,
+        _if=any_changed(our_config, dropin),
+    )
+    systemd.service(
+        name="Reload PostgreSQL to apply the changed pg_hba.conf",
+        service=service,
+        reloaded=True,
+        _if=hba.did_change,
+    )
+
+    postgresql.role(name=f"Create role {config.postgresql_user}", role=config.postgresql_user, login=True, **psql)
+    verifier = host.get_fact(
+        PostgresRoleVerifier, role=config.postgresql_user, port=config.postgresql_port, _sudo_user="postgres"
+    )
+    if not scram_matches(secrets.postgresql_password, verifier):
+        postgresql.sql(
+            name=f"Set the password of role {config.postgresql_user}",
+            sql=f"ALTER ROLE \"{config.postgresql_user}\" PASSWORD '{scram_verifier(secrets.postgresql_password)}'",
+            **psql,
+        )
+    postgresql.database(
+        name=f"Create database {config.postgresql_database} owned by {config.postgresql_user}",
+        database=config.postgresql_database,
+        owner=config.postgresql_user,
+        encoding="UTF8",
+        **psql,
+    )

@@ -1,0 +1,305 @@
+"""
+The test bench: throwaway Debian containers that boot systemd, reached over SSH by the real
+``pyinfra`` CLI exactly as a user reaches real servers.
+
+- ``ensure_base_image()`` builds the base image with debootstrap (no registry is reachable) and
+  reuses it while its build script is unchanged.
+- ``Cluster`` starts one container per host on a private docker network, writes the hosts file
+  that ``inventory.py`` reads (``STACK_HOSTS_FILE``), runs pyinfra, and removes everything on
+  ``destroy()`` (also at interpreter exit, so a crashed session leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import secrets as random_secrets
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+BENCH_DIR = Path(__file__).resolve().parent
+IMAGE_SCRIPT = BENCH_DIR / "base-image.sh"
+LABEL = "stackbench"
+SSH_USER = "deploy"
+
+#: Flags that boot systemd as PID 1 on our machines (see shared/ENVIRONMENT.md): --privileged
+#: fails here, and Debian's sandboxed units need every capability but SYS_RESOURCE.
+SYSTEMD_RUN_OPTIONS = dict(
+    cap_add=["ALL"],
+    cap_drop=["SYS_RESOURCE"],
+    security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+    cgroupns="host",
+    volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+    tmpfs={"/run": "", "/run/lock": ""},
+    stop_signal="SIGRTMIN+3",
+)
+
+
+def docker_client() -> docker.DockerClient:
+    return docker.from_env(timeout=300)
+
+
+def base_image_tag() -> str:
+    digest = hashlib.sha256(IMAGE_SCRIPT.read_bytes()).hexdigest()[:12]
+    return f"{LABEL}-base:{digest}"
+
+
+def ensure_base_image() -> str:
+    """Build the base image unless an image of the same build script exists already."""
+    tag = base_image_tag()
+    client = docker_client()
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        mirror = os.environ.get("STACK_BENCH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+        started = time.monotonic()
+        subprocess.run(["sh", str(IMAGE_SCRIPT), tag, mirror], check=True, stdout=subprocess.DEVNULL)
+        print(f"bench: built {tag} in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return tag
+
+
+def generate_ssh_key(directory: Path) -> tuple[Path, str]:
+    """A fresh ed25519 key pair for this bench: the private key file and the public key line."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = directory / "id_ed25519"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + " stackbench"
+
+
+def test_secrets() -> dict[str, str]:
+    """Random secrets for one bench, in the environment variables the deploy reads."""
+    return {
+        "STACK_REDIS_PASSWORD": random_secrets.token_hex(16),
+        "STACK_RABBITMQ_PASSWORD": random_secrets.token_hex(16),
+        "STACK_POSTGRESQL_PASSWORD": random_secrets.token_hex(16),
+    }
+
+
+def host_ca_certificates() -> list[str]:
+    """The CA certificates this machine trusts beyond Debian's (TLS-intercepting egress)."""
+    return sorted(str(path) for path in Path("/usr/local/share/ca-certificates").glob("*.crt"))
+
+
+@dataclass
+class PyinfraRun:
+    """One ``pyinfra`` invocation: exit code, timing, and the per-operation JSON results."""
+
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr: str
+
+    @property
+    def results(self) -> dict:
+        return json.loads(self.stdout)["results"]
+
+    @property
+    def changed(self) -> list[str]:
+        """``operation name @ host`` for every operation that changed something."""
+        return [
+            f"{operation['name']} @ {host}"
+            for operation in self.results["operations"]
+            for host in operation["success"]
+        ]
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclass
+class Host:
+    name: str
+    groups: list[str]
+    container: object = None
+    address: str = ""
+
+    def exec(self, command: str, check: bool = True, user: str = "root") -> str:
+        """Run ``command`` with sh inside the container; the output, or AssertionError if it fails."""
+        code, output = self.container.exec_run(["sh", "-c", command], user=user)
+        text = output.decode(errors="replace")
+        if check and code != 0:
+            raise AssertionError(f"{self.name}: `{command}` exited {code}:\n{text}")
+        return text
+
+    def status(self, command: str) -> int:
+        return self.container.exec_run(["sh", "-c", command])[0]
+
+
+@dataclass
+class Cluster:
+    """Containers that play the hosts of one topology (``{host name: [groups]}``)."""
+
+    topology: dict[str, list[str]]
+    image: str
+    workdir: Path
+    data: dict[str, object] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=test_secrets)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    runs: list[PyinfraRun] = field(default_factory=list)
+    #: Fixed for the long-lived sandbox; random for a test session.
+    id: str = field(default_factory=lambda: f"{LABEL}-{uuid.uuid4().hex[:8]}")
+    #: Keep the containers when the interpreter exits (the sandbox); a test bench never does.
+    keep: bool = False
+
+    def __post_init__(self) -> None:
+        self.client = docker_client()
+        if not self.keep:
+            atexit.register(self.destroy)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def create(self) -> "Cluster":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key, public_key = generate_ssh_key(self.workdir)
+        self.client.networks.create(self.id, driver="bridge", labels={LABEL: self.id})
+        for name, groups in self.topology.items():
+            container = self.client.containers.run(
+                self.image,
+                name=f"{self.id}-{name}",
+                hostname=name,
+                detach=True,
+                network=self.id,
+                labels={LABEL: self.id, f"{LABEL}.host": name},
+                **SYSTEMD_RUN_OPTIONS,
+            )
+            self.hosts[name] = Host(name, groups, container)
+        for host in self.hosts.values():
+            self._wait_for_boot(host)
+            self._read_address(host)
+            host.exec(
+                f"install -d -m 700 -o {SSH_USER} -g {SSH_USER} /home/{SSH_USER}/.ssh && "
+                f"echo '{public_key}' > /home/{SSH_USER}/.ssh/authorized_keys && "
+                f"chown {SSH_USER}: /home/{SSH_USER}/.ssh/authorized_keys"
+            )
+        self.write_hosts_file()
+        return self
+
+    def attach(self) -> bool:
+        """Adopt this cluster's running containers (the sandbox's warm start); False if any is
+        missing, in which case ``destroy()`` then ``create()`` start afresh."""
+        running = {
+            container.labels.get(f"{LABEL}.host"): container
+            for container in self.client.containers.list(filters={"label": f"{LABEL}={self.id}"})
+        }
+        self.key = self.workdir / "id_ed25519"
+        if set(running) != set(self.topology) or not self.key.exists():
+            return False
+        for name, groups in self.topology.items():
+            self.hosts[name] = Host(name, groups, running[name])
+            self._read_address(self.hosts[name])
+        self.write_hosts_file()
+        return True
+
+    def _read_address(self, host: Host) -> None:
+        host.container.reload()
+        host.address = host.container.attrs["NetworkSettings"]["Networks"][self.id]["IPAddress"]
+
+    def _wait_for_boot(self, host: Host, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = host.exec("systemctl is-system-running || true", check=True).strip()
+            if state in ("running", "degraded") and host.status("systemctl is-active -q ssh") == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{host.name} did not boot within {timeout}s: {state}")
+
+    def destroy(self) -> None:
+        """Remove every container and the network of this cluster; safe to call twice."""
+        for container in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.id}"}):
+            container.remove(force=True, v=True)
+        for network in self.client.networks.list(filters={"label": f"{LABEL}={self.id}"}):
+            network.remove()
+        self.hosts.clear()
+
+    # -- pyinfra -------------------------------------------------------------------------------
+
+    @property
+    def hosts_file(self) -> Path:
+        return self.workdir / "hosts.json"
+
+    def write_hosts_file(self) -> None:
+        """The inventory of this cluster, in the format ``inventory.py`` reads from STACK_HOSTS_FILE."""
+        ssh = {
+            "ssh_user": SSH_USER,
+            "ssh_key": str(self.key),
+            "ssh_known_hosts_file": "/dev/null",
+            "ssh_strict_host_key_checking": "off",
+            "_sudo": True,
+        }
+        hosts = {
+            host.address: [host.groups, {"private_address": host.address, **ssh}]
+            for host in self.hosts.values()
+        }
+        self.hosts_file.write_text(json.dumps(hosts, indent=2))
+
+    def environment(self, **overrides: str) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("STACK_")}
+        env.update(self.secrets, STACK_HOSTS_FILE=str(self.hosts_file), PYINFRA_PROGRESS="off")
+        env["STACK_SECRETS_FILE"] = str(self.workdir / "no-secrets-file")
+        env.update(overrides)
+        return env
+
+    def deploy(self, *extra: str, env: dict[str, str] | None = None, timeout: float = 1200) -> PyinfraRun:
+        """Run ``pyinfra -y --json inventory.py deploy.py`` from the project directory."""
+        command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", "inventory.py", "deploy.py"]
+        for key, value in self.data.items():
+            command += ["--data", f"{key}={value}"]
+        command += list(extra)
+        started = time.monotonic()
+        process = subprocess.run(
+            command,
+            cwd=PROJECT_DIR,
+            env=env or self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        run = PyinfraRun(process.returncode, time.monotonic() - started, process.stdout, process.stderr)
+        self.runs.append(run)
+        return run
+
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    def diagnostics(self) -> str:
+        """``systemctl --failed`` and the journal of every failed unit, on every host."""
+        report = []
+        for host in self.hosts.values():
+            failed = host.exec("systemctl --failed --no-legend --plain | awk '{print $1}'", check=False).split()
+            report.append(f"===== {host.name} ({host.address}) failed units: {failed or 'none'}")
+            for unit in failed:
+                report.append(host.exec(f"journalctl -u {unit} -n 80 --no-pager", check=False))
+        return "\n".join(report)
+
+    def by_group(self, group: str) -> list[Host]:
+        return [host for host in self.hosts.values() if group in host.groups]
+
+    def one(self, group: str) -> Host:
+        return self.by_group(group)[0]
+
+
+def remove_all_bench_resources() -> None:
+    """Remove every container and network any bench ever created on this machine."""
+    client = docker_client()
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        container.remove(force=True, v=True)
+    for network in client.networks.list(filters={"label": LABEL}):
+        network.remove()

@@ -1,0 +1,138 @@
+"""
+Settings, secrets and topology checks, without any host: each bad input gives one clear error
+that names the setting (or variable, or host) and the fix. The README's table is generated from
+the settings module, and this test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import settings
+
+GOOD_SECRETS = {
+    "STACK_REDIS_PASSWORD": "r" + "0123456789abcdef",
+    "STACK_RABBITMQ_PASSWORD": "q" + "0123456789abcdef",
+    "STACK_POSTGRESQL_PASSWORD": "p" + "0123456789abcdef",
+}
+
+
+class FakeHost(SimpleNamespace):
+    """Just what validation reads of a pyinfra host: name, groups and data."""
+
+    def __init__(self, name, groups, **data):
+        data.setdefault("private_address", name)
+        super().__init__(name=name, groups=groups, data=SimpleNamespace(dict=lambda: data, get=data.get))
+
+
+class FakeInventory(list):
+    __hash__ = object.__hash__  # settings.validate caches per inventory object, as pyinfra's
+
+    def get_group(self, name, default=None):
+        return [host for host in self if name in host.groups]
+
+
+def all_in_one(**data) -> FakeInventory:
+    return FakeInventory([FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres", "web", "workers", "beat"], **data)])
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(settings.SECRETS_FILE_VARIABLE, str(tmp_path / "absent.env"))
+    for variable in GOOD_SECRETS:
+        monkeypatch.delenv(variable, raising=False)
+    settings.validate.cache_clear()
+
+
+def validate(inventory: FakeInventory, **environment: str) -> settings.Secrets:
+    import os
+
+    os.environ.update(environment)
+    return settings.validate(inventory)
+
+
+def test_good_input_passes_and_defaults_apply():
+    secrets = validate(all_in_one(), **GOOD_SECRETS)
+    assert secrets.redis_password == GOOD_SECRETS["STACK_REDIS_PASSWORD"]
+    config, problems = settings.resolve({"redis_port": "6380"}, "test")
+    assert problems == [] and config.redis_port == 6380 and config.postgresql_database == "celerydb"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"redis_prot": 6380}, "unknown setting 'redis_prot'; did you mean redis_port?"),
+        ({"redis_port": 70000}, "redis_port must be a TCP port between 1 and 65535 (got 70000)"),
+        ({"redis_port": "six"}, "redis_port must be of type int, not str ('six')"),
+        ({"redis_port": True}, "redis_port must be of type int, not bool"),
+        ({"rabbitmq_vm_memory_high_watermark": 4}, "rabbitmq_vm_memory_high_watermark must be a fraction"),
+        ({"redis_save": "3600"}, "redis_save must be pairs of"),
+        ({"redis_appendfsync": "no"}, 'redis_appendfsync must be "everysec" or "always"'),
+        ({"apt_proxy": "proxy:3142"}, "apt_proxy must be empty or a URL"),
+        ({"postgresql_database": "Celery-DB"}, "postgresql_database must be lower-case letters"),
+        ({"extra_ca_certificates": ["/nonexistent/ca.pem"]}, "/nonexistent/ca.pem does not exist"),
+        ({"private_address": "127.0.0.1"}, "is not reachable from other hosts"),
+        ({"private_address": "db.internal"}, "private_address 'db.internal' is not an IP address"),
+    ],
+)
+def test_bad_setting_is_named_with_its_fix(data, expected):
+    with pytest.raises(settings.SettingsError) as error:
+        validate(all_in_one(**data), **GOOD_SECRETS)
+    assert expected in str(error.value)
+    assert "nothing was changed" in str(error.value)
+
+
+def test_malformed_ca_file_is_refused(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(settings.SettingsError, match="is not a valid PEM certificate"):
+        validate(all_in_one(extra_ca_certificates=[str(bad)]), **GOOD_SECRETS)
+    (tmp_path / "empty.pem").write_text("hello")
+    with pytest.raises(settings.SettingsError, match="holds no PEM certificate"):
+        validate(all_in_one(extra_ca_certificates=[str(tmp_path / "empty.pem")]), **GOOD_SECRETS)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [("", "is missing or empty"), ("guest", "is a default or placeholder value"),
+     ("changeme", "is a default or placeholder value"), ("x" * 40, "is a default or placeholder value"),
+     ("short-pass", "is shorter than 16 characters")],
+)
+def test_bad_secret_names_the_variable_and_how_to_set_it(value, problem):
+    environment = dict(GOOD_SECRETS, STACK_RABBITMQ_PASSWORD=value)
+    with pytest.raises(settings.SettingsError) as error:
+        validate(all_in_one(), **environment)
+    message = str(error.value)
+    assert f"STACK_RABBITMQ_PASSWORD {problem}" in message
+    assert "Set each in the environment or in" in message
+    assert value not in message.replace("STACK_", "") or value == ""
+
+
+def test_secrets_file_is_read_and_environment_wins(tmp_path, monkeypatch):
+    path = tmp_path / "secrets.env"
+    path.write_text("# comment\n" + "\n".join(f"{k}='{v}'" for k, v in GOOD_SECRETS.items()) + "\n")
+    monkeypatch.setenv(settings.SECRETS_FILE_VARIABLE, str(path))
+    override = "e" + "0123456789abcdef"
+    secrets = validate(all_in_one(), STACK_REDIS_PASSWORD=override)
+    assert secrets.redis_password == override
+    assert secrets.postgresql_password == GOOD_SECRETS["STACK_POSTGRESQL_PASSWORD"]
+
+
+def test_topology_needs_its_servers_once_each():
+    app_only = FakeInventory([FakeHost("10.0.0.6", ["web", "workers", "beat"])])
+    with pytest.raises(settings.SettingsError) as error:
+        validate(app_only, **GOOD_SECRETS)
+    for group in ("redis", "rabbitmq", "postgres"):
+        assert f"group {group} is empty but the application needs it; add a host to {group}" in str(error.value)
+
+    two_redis = FakeInventory(all_in_one() + [FakeHost("10.0.0.7", ["redis"])])
+    with pytest.raises(settings.SettingsError, match="group redis has 2 hosts"):
+        validate(two_redis, **GOOD_SECRETS)
+
+
+def test_readme_shows_the_settings_table():
+    readme = (Path(settings.PROJECT_DIR) / "README.md").read_text()
+    assert settings.markdown_table() in readme, "README.md's settings table is stale: paste `python settings.py`"
