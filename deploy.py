@@ -2,31 +2,35 @@
 The whole stack: ``pyinfra inventory.py deploy.py``.
 
 Each host gets the base system with every package its roles need (one apt transaction), then
-the services of the inventory groups it is in. Settings, secrets and the topology are checked
-first, for the whole inventory at once: bad input stops the run before any operation runs.
+the services of the inventory groups it is in, data services before the application. Settings,
+secrets and the topology are checked first, for the whole inventory at once: bad input stops
+the run before any operation runs.
 """
 
 from pyinfra import host, inventory
 
 import settings
-from tasks import base, postgresql, rabbitmq, redis
+from tasks import app, base, postgresql, rabbitmq, redis
 
 secrets = settings.validate(inventory)
 
-ROLES = {
+#: Service → (its Debian packages, its deploy), in the order they are deployed.
+SERVICES = {
     "redis": (lambda: redis.PACKAGES, redis.redis_server),
     "rabbitmq": (lambda: rabbitmq.PACKAGES, rabbitmq.rabbitmq_server),
     "postgres": (postgresql.packages, postgresql.postgresql_server),
 }
-#: Hosts that run application code get psql, to check the result database from where it is used.
-APP_PACKAGES = ["postgresql-client"]
+#: Application hosts also get psql, to check the result database from where it is used.
+APP_PACKAGES = [*app.PACKAGES, "postgresql-client"]
 
-roles = [role for role in ROLES if role in host.groups]
-packages = sorted(
-    {package for role in roles for package in ROLES[role][0]()}
-    | (set(APP_PACKAGES) if any(group in host.groups for group in settings.APP_GROUPS) else set())
-)
+services = [service for service in SERVICES if service in host.groups]
+runs_app = any(group in host.groups for group in settings.APP_GROUPS)
+packages = {package for service in services for package in SERVICES[service][0]()}
+if runs_app:
+    packages.update(APP_PACKAGES)
 
-base.base_system(packages=packages)
-for role in roles:
-    ROLES[role][1](secrets)
+base.base_system(packages=sorted(packages))
+for service in services:
+    SERVICES[service][1](secrets)
+if runs_app:
+    app.application(secrets)

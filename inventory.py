@@ -33,6 +33,7 @@ import json
 import os
 
 from settings import GROUPS as _GROUPS
+from settings import SettingsError as _SettingsError
 
 HOSTS: dict = {
     # "app.example.com": (["redis", "rabbitmq", "postgres", "web", "workers", "beat"],
@@ -55,10 +56,10 @@ def _group(name: str, hosts: dict) -> list:
 def _check(hosts: dict) -> None:
     for host, (groups, _data) in hosts.items():
         if not groups:
-            raise ValueError(f"inventory: host {host} is in no group; give it at least one of {list(_GROUPS)}")
+            raise _SettingsError(f"inventory: host {host} is in no group; give it at least one of {list(_GROUPS)}")
         unknown = sorted(set(groups) - set(_GROUPS))
         if unknown:
-            raise ValueError(
+            raise _SettingsError(
                 f"inventory: host {host} is in unknown group(s) {unknown}; the groups are {list(_GROUPS)}"
             )
 

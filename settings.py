@@ -35,6 +35,10 @@ GROUPS = ("redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring
 #: Groups whose hosts run application code and so need the broker and the result database.
 APP_GROUPS = ("web", "workers", "beat")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: systemd waits this long beyond the longest task before it kills a stopping worker.
+STOP_MARGIN_SECONDS = 30
+
 #: Per-host data that is not a setting: the address other hosts reach this one on.
 HOST_KEYS = ("private_address",)
 #: Host data that belongs to pyinfra and its connectors, not to us.
@@ -81,14 +85,36 @@ def _save_points(value: str) -> str | None:
     return 'must be pairs of "<seconds> <changes>", e.g. "3600 1 300 100 60 10000"'
 
 
-def _proxy_url(value: str) -> str | None:
-    if value == "" or re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", value):
+def _url_or_empty(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
         return None
-    return 'must be empty or a URL such as "http://10.0.0.1:3142"'
+    return 'must be empty or an http(s) URL such as "http://10.0.0.1:3142"'
 
 
 def _pg_version(value: str) -> str | None:
     return None if value == "auto" or value.isdigit() else 'must be "auto" or a major version like "15"'
+
+
+def _absolute_or_empty(value: str) -> str | None:
+    return None if value == "" or value.startswith("/") else "must be an absolute path, or empty for the default"
+
+
+def _local_directory(value: str) -> str | None:
+    if (PROJECT_DIR / Path(value).expanduser()).is_dir():
+        return None
+    return f"must be a directory on this machine; {value!r} is not one"
+
+
+def _import_path(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?", value):
+        return None
+    return 'must be a Python import path such as "package.module:attribute"'
+
+
+def _queue_list(value: str) -> str | None:
+    if re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):
+        return None
+    return 'must be comma-separated queue names, e.g. "celery,emails"'
 
 
 def _ca_files(paths: list[str]) -> str | None:
@@ -132,7 +158,7 @@ class Settings:
 
     # Base system
     apt_proxy: str = setting(
-        "", "HTTP proxy for apt on every host (e.g. an apt-cacher-ng); empty for none.", _proxy_url
+        "", "HTTP proxy for apt on every host (e.g. an apt-cacher-ng); empty for none.", _url_or_empty
     )
     apt_cache_valid_seconds: int = setting(
         3600, "apt's package lists younger than this are not refreshed on a re-run.", _positive
@@ -185,6 +211,59 @@ class Settings:
     postgresql_port: int = setting(5432, "TCP port PostgreSQL listens on (private address and loopback).", _port)
     postgresql_database: str = setting("celerydb", "Database holding Celery's results.", _identifier)
     postgresql_user: str = setting("celeryuser", "Role owning that database, used by the application.", _identifier)
+
+    # Application
+    app_name: str = setting(
+        "stackapp", "Name of the application: its system user and group, unit prefix and /opt/<name>.", _identifier
+    )
+    app_dir: str = setting("", "Where the application lives on hosts; empty means /opt/<app_name>.", _absolute_or_empty)
+    app_source: str = setting(
+        "files/app",
+        "Local directory with the application's code (relative to deploy.py or absolute); synced to <app_dir>/src.",
+        _local_directory,
+    )
+    app_requirements: str = setting(
+        "requirements.txt", "Pinned requirements file, relative to app_source, installed into <app_dir>/venv."
+    )
+    asgi_app: str = setting("stackapp.api:app", "Import path of the ASGI application Gunicorn serves.", _import_path)
+    celery_app: str = setting("stackapp.celery_app", "Import path of the Celery application (celery -A).", _import_path)
+    pip_index_url: str = setting("", "Python package index for the venv (a mirror); empty for pip's default.", _url_or_empty)
+    web_port: int = setting(8000, "Port Gunicorn listens on (systemd socket on the private address and loopback).", _port)
+    gunicorn_workers: int = setting(2, "Gunicorn worker processes (Uvicorn workers) per web host.", _positive)
+    celery_concurrency: int = setting(2, "Celery worker pool processes per worker host.", _positive)
+    celery_queues: str = setting("celery", "Comma-separated queues the workers consume.", _queue_list)
+    celery_loglevel: str = setting(
+        "INFO", "Log level of the Celery worker and beat.", lambda v: None if v in LOG_LEVELS else f"must be one of {LOG_LEVELS}"
+    )
+    celery_longest_task_seconds: int = setting(
+        300,
+        "The longest a task may run: its hard time limit; a worker stop waits this long plus 30 s for "
+        "running tasks to finish (TimeoutStopSec).",
+        _positive,
+    )
+    beat_heartbeat_seconds: float = setting(
+        60.0, "Interval of the heartbeat task beat sends, which shows that beat and a worker are alive.", _positive
+    )
+
+    @property
+    def app_home(self) -> str:
+        """Directory of the application on hosts."""
+        return self.app_dir or f"/opt/{self.app_name}"
+
+    @property
+    def worker_stop_timeout(self) -> int:
+        """Seconds systemd lets a stopping worker finish its running tasks."""
+        return self.celery_longest_task_seconds + STOP_MARGIN_SECONDS
+
+    def cross_problems(self) -> list[str]:
+        """Problems between settings that are each valid alone."""
+        if self.rabbitmq_consumer_timeout_ms <= self.celery_longest_task_seconds * 1000:
+            return [
+                f"rabbitmq_consumer_timeout_ms ({self.rabbitmq_consumer_timeout_ms}) must exceed "
+                f"celery_longest_task_seconds ({self.celery_longest_task_seconds}) in ms, or RabbitMQ takes "
+                "back tasks that are still running; raise it or lower celery_longest_task_seconds"
+            ]
+        return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +379,7 @@ def _coerce(expected: Any, value: Any) -> Any:
     return value
 
 
-def resolve(data: dict[str, Any], where: str) -> tuple[Settings, list[str]]:
+def resolve(data: dict[str, Any]) -> tuple[Settings, list[str]]:
     """Settings from one host's data, and every problem found (unknown names, types, values)."""
     hints = get_type_hints(Settings)
     known = {item.name for item in fields(Settings)}
@@ -312,7 +391,7 @@ def resolve(data: dict[str, Any], where: str) -> tuple[Settings, list[str]]:
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]}?" if close else "; see the settings table in README.md"
-        problems.append(f"{where}: unknown setting {key!r}{hint}")
+        problems.append(f"unknown setting {key!r}{hint}")
 
     for item in fields(Settings):
         if item.name not in data:
@@ -323,11 +402,12 @@ def resolve(data: dict[str, Any], where: str) -> tuple[Settings, list[str]]:
             check_error = item.metadata["check"](value)
             error = check_error and f"{item.name} {check_error} (got {value!r})"
         if error:
-            problems.append(f"{where}: {error}")
+            problems.append(error)
         else:
             values[item.name] = value
 
-    return Settings(**values), problems
+    resolved = Settings(**values)
+    return resolved, problems + resolved.cross_problems()
 
 
 def private_address(host: Any) -> str:
@@ -365,15 +445,26 @@ def _topology_problems(inventory: Any) -> list[str]:
             )
         if not servers and any(inventory.get_group(g, []) for g in dependants):
             problems.append(f"group {group} is empty but the application needs it; add a host to {group}")
+    beat = inventory.get_group("beat", [])
+    if len(beat) != 1 and any(inventory.get_group(g, []) for g in ("web", "workers")):
+        problems.append(
+            f"group beat has {len(beat)} hosts; exactly one host must run celery beat, or scheduled tasks "
+            "are sent twice or never: put one host in beat"
+        )
     return problems
 
 
 @cache
 def validate(inventory: Any) -> Secrets:
     """Check the whole run once: every host's settings, the secrets and the topology."""
-    problems: list[str] = []
+    hosts_with: dict[str, list[str]] = {}
     for host in inventory:
-        problems += resolve(host.data.dict(), f"host {host.name}")[1]
+        for problem in resolve(host.data.dict())[1]:
+            hosts_with.setdefault(problem, []).append(host.name)
+    problems = [
+        f"{'host' if len(names) == 1 else 'hosts'} {', '.join(names)}: {problem}"
+        for problem, names in hosts_with.items()
+    ]
     problems += _topology_problems(inventory)
     try:
         secrets = load_secrets()
@@ -391,7 +482,7 @@ _resolved: dict[str, Settings] = {}
 def for_host(host: Any) -> Settings:
     """Resolved settings of ``host`` (run ``validate`` first: problems are not reported here)."""
     if host.name not in _resolved:
-        _resolved[host.name] = resolve(host.data.dict(), f"host {host.name}")[0]
+        _resolved[host.name] = resolve(host.data.dict())[0]
     return _resolved[host.name]
 
 

@@ -32,7 +32,8 @@ def base_image() -> str:
 
 def bench_settings() -> dict[str, str]:
     """Settings the bench passes with --data, as a user would on the command line."""
-    data = {}
+    # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
+    data = {"beat_heartbeat_seconds": "5"}
     certificates = host_ca_certificates()
     if certificates:
         data["extra_ca_certificates"] = ",".join(certificates)

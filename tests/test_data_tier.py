@@ -16,42 +16,9 @@ import redis
 import testinfra
 
 from bench import Cluster
+from clients import PG_PORT, amqp, psql_from, redis_client, wait_until
 
 pytestmark = pytest.mark.bench
-
-REDIS_PORT, AMQP_PORT, PG_PORT = 6379, 5672, 5432
-
-
-def wait_until(check, timeout: float = 60, interval: float = 0.5):
-    """Call ``check`` until it returns a true value or stops raising; its value, or the last error."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{check} still false after {timeout}s")
-        time.sleep(interval)
-
-
-# -- converge and idempotence -------------------------------------------------------------------
-
-
-def test_converge_succeeds(deployed: Cluster):
-    run = deployed.runs[0]
-    assert run.returncode == 0, f"fresh deploy failed:\n{run.stderr[-6000:]}"
-
-
-def test_second_run_changes_nothing(deployed: Cluster):
-    assert len(deployed.runs) >= 2, "the idempotence run did not happen (the fresh deploy failed)"
-    rerun = deployed.runs[1]
-    assert rerun.returncode == 0, rerun.stderr[-6000:]
-    assert rerun.changed == [], "operations that changed on the re-run:\n" + "\n".join(rerun.changed)
-    assert rerun.results["totals"]["no_change"] > 0
 
 
 def test_services_active_enabled_and_restarted_by_systemd(deployed: Cluster):
@@ -63,14 +30,6 @@ def test_services_active_enabled_and_restarted_by_systemd(deployed: Cluster):
 
 
 # -- Redis --------------------------------------------------------------------------------------
-
-
-def redis_client(cluster: Cluster, password: str | None = "from-cluster") -> redis.Redis:
-    password = cluster.secrets["STACK_REDIS_PASSWORD"] if password == "from-cluster" else password
-    # RESP2, as Celery's Redis transport speaks it.
-    return redis.Redis(
-        host=cluster.one("redis").address, port=REDIS_PORT, password=password, socket_timeout=10, protocol=2
-    )
 
 
 def test_redis_answers_with_password_and_refuses_without(deployed: Cluster):
@@ -105,13 +64,6 @@ def test_redis_keeps_data_across_restart_and_crash(deployed: Cluster, how: str):
 
 # -- RabbitMQ -----------------------------------------------------------------------------------
 
-
-def amqp(cluster: Cluster, user: str = "celery", password: str | None = None, vhost: str = "celery"):
-    credentials = pika.PlainCredentials(user, password or cluster.secrets["STACK_RABBITMQ_PASSWORD"])
-    parameters = pika.ConnectionParameters(
-        cluster.one("rabbitmq").address, AMQP_PORT, vhost, credentials, connection_attempts=1, socket_timeout=10
-    )
-    return pika.BlockingConnection(parameters)
 
 
 def test_amqp_persistent_message_survives_broker_restart(deployed: Cluster):
@@ -155,13 +107,6 @@ def test_rabbitmq_limits_and_prometheus_plugin(deployed: Cluster):
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
 
-def psql_from(host, cluster: Cluster, sql: str, password: str | None = None) -> str:
-    password = password or cluster.secrets["STACK_POSTGRESQL_PASSWORD"]
-    server = cluster.one("postgres").address
-    return host.exec(
-        f"PGPASSWORD='{password}' psql -h {server} -p {PG_PORT} -U celeryuser -d celerydb -tAc \"{sql}\""
-    ).strip()
-
 
 def test_app_role_connects_from_app_host_with_scram(deployed: Cluster):
     app = deployed.one("workers")
@@ -180,37 +125,3 @@ def test_app_role_refused_from_host_in_no_app_group(deployed: Cluster):
             host=deployed.one("postgres").address, port=PG_PORT, user="celeryuser", dbname="celerydb",
             password=deployed.secrets["STACK_POSTGRESQL_PASSWORD"], connect_timeout=10,
         )
-
-
-# -- secrets and bad input ----------------------------------------------------------------------
-
-
-def test_missing_secret_stops_the_deploy_before_anything_runs(deployed: Cluster):
-    run = deployed.deploy(env=deployed.environment(STACK_RABBITMQ_PASSWORD=""))
-    assert run.returncode != 0
-    assert "STACK_RABBITMQ_PASSWORD is missing or empty" in run.stderr
-    assert "nothing was changed" in run.stderr
-    assert "Starting operation" not in run.stderr
-
-
-def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
-    """Idempotent including when the password changes: the new PostgreSQL and RabbitMQ passwords
-    are set (one operation each), work, the old ones stop working, and the next run is a no-op."""
-    old = dict(deployed.secrets)
-    deployed.secrets["STACK_POSTGRESQL_PASSWORD"] = uuid.uuid4().hex
-    deployed.secrets["STACK_RABBITMQ_PASSWORD"] = uuid.uuid4().hex
-    rotate = deployed.deploy()
-    assert rotate.returncode == 0, rotate.stderr[-6000:]
-    assert sorted(op.split(" @ ")[0] for op in rotate.changed) == [
-        "PostgreSQL | Set the password of role celeryuser",
-        "RabbitMQ | Create or update vhost celery and user celery",
-    ]
-    app = deployed.one("workers")
-    assert psql_from(app, deployed, "SELECT 1") == "1"
-    with pytest.raises(AssertionError, match="password authentication failed"):
-        psql_from(app, deployed, "SELECT 1", password=old["STACK_POSTGRESQL_PASSWORD"])
-    amqp(deployed).close()
-    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
-        amqp(deployed, password=old["STACK_RABBITMQ_PASSWORD"])
-    again = deployed.deploy()
-    assert again.returncode == 0 and again.changed == [], again.changed

@@ -57,7 +57,7 @@ def validate(inventory: FakeInventory, **environment: str) -> settings.Secrets:
 def test_good_input_passes_and_defaults_apply():
     secrets = validate(all_in_one(), **GOOD_SECRETS)
     assert secrets.redis_password == GOOD_SECRETS["STACK_REDIS_PASSWORD"]
-    config, problems = settings.resolve({"redis_port": "6380"}, "test")
+    config, problems = settings.resolve({"redis_port": "6380"})
     assert problems == [] and config.redis_port == 6380 and config.postgresql_database == "celerydb"
 
 
@@ -71,7 +71,13 @@ def test_good_input_passes_and_defaults_apply():
         ({"rabbitmq_vm_memory_high_watermark": 4}, "rabbitmq_vm_memory_high_watermark must be a fraction"),
         ({"redis_save": "3600"}, "redis_save must be pairs of"),
         ({"redis_appendfsync": "no"}, 'redis_appendfsync must be "everysec" or "always"'),
-        ({"apt_proxy": "proxy:3142"}, "apt_proxy must be empty or a URL"),
+        ({"apt_proxy": "proxy:3142"}, "apt_proxy must be empty or an http(s) URL"),
+        ({"celery_longest_task_seconds": 4000}, "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)"),
+        ({"app_source": "/nonexistent/app"}, "app_source must be a directory on this machine; '/nonexistent/app' is not one"),
+        ({"app_dir": "opt/app"}, "app_dir must be an absolute path"),
+        ({"asgi_app": "my app"}, "asgi_app must be a Python import path"),
+        ({"celery_loglevel": "verbose"}, "celery_loglevel must be one of"),
+        ({"celery_queues": "a, b"}, "celery_queues must be comma-separated queue names"),
         ({"postgresql_database": "Celery-DB"}, "postgresql_database must be lower-case letters"),
         ({"extra_ca_certificates": ["/nonexistent/ca.pem"]}, "/nonexistent/ca.pem does not exist"),
         ({"private_address": "127.0.0.1"}, "is not reachable from other hosts"),
@@ -131,6 +137,14 @@ def test_topology_needs_its_servers_once_each():
     two_redis = FakeInventory(all_in_one() + [FakeHost("10.0.0.7", ["redis"])])
     with pytest.raises(settings.SettingsError, match="group redis has 2 hosts"):
         validate(two_redis, **GOOD_SECRETS)
+
+
+@pytest.mark.parametrize("beat_hosts", [0, 2])
+def test_topology_needs_exactly_one_beat(beat_hosts):
+    hosts = [FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres"])]
+    hosts += [FakeHost(f"10.0.1.{i}", ["web", "workers"] + (["beat"] if i < beat_hosts else [])) for i in range(2)]
+    with pytest.raises(settings.SettingsError, match=f"group beat has {beat_hosts} hosts; exactly one host must run celery beat"):
+        validate(FakeInventory(hosts), **GOOD_SECRETS)
 
 
 def test_readme_shows_the_settings_table():

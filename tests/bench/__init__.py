@@ -280,20 +280,49 @@ class Cluster:
     # -- diagnostics ---------------------------------------------------------------------------
 
     def diagnostics(self) -> str:
-        """``systemctl --failed`` and the journal of every failed unit, on every host."""
+        """``systemctl --failed`` and the journal of every failed unit, and of every service
+        systemd had to restart (a crash it healed is still worth reading), on every host."""
         report = []
         for host in self.hosts.values():
             failed = host.exec("systemctl --failed --no-legend --plain | awk '{print $1}'", check=False).split()
-            report.append(f"===== {host.name} ({host.address}) failed units: {failed or 'none'}")
-            for unit in failed:
-                report.append(host.exec(f"journalctl -u {unit} -n 80 --no-pager", check=False))
+            restarted = restarted_services(host)
+            report.append(
+                f"===== {host.name} ({host.address}) failed units: {failed or 'none'}; "
+                f"restarted by systemd: {restarted or 'none'}"
+            )
+            for unit in failed + restarted:
+                report.append(f"----- journal of {unit}")
+                report.append(host.exec(f"journalctl -u {unit} -n 60 --no-pager", check=False))
         return "\n".join(report)
+
+    def active(self, units_by_group: dict[str, list[str]]) -> bool:
+        """Whether every unit of every host of each group is active."""
+        return all(
+            host.status(f"systemctl is-active -q {' '.join(units)}") == 0
+            for group, units in units_by_group.items()
+            for host in self.by_group(group)
+        )
 
     def by_group(self, group: str) -> list[Host]:
         return [host for host in self.hosts.values() if group in host.groups]
 
     def one(self, group: str) -> Host:
         return self.by_group(group)[0]
+
+
+def restarted_services(host: Host) -> list[str]:
+    """Services that systemd restarted after they died (NRestarts > 0)."""
+    output = host.exec("systemctl show --property Id --property NRestarts '*.service'", check=False)
+    restarted, properties = [], {}
+    for line in output.splitlines() + [""]:
+        if line.strip():
+            key, _, value = line.partition("=")
+            properties[key] = value
+        elif properties:
+            if properties.get("NRestarts", "0") not in ("", "0"):
+                restarted.append(properties.get("Id", "?"))
+            properties = {}
+    return restarted
 
 
 def remove_all_bench_resources() -> None:

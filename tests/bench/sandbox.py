@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import redis
+import requests
 
 from . import PROJECT_DIR, Cluster, ensure_base_image, host_ca_certificates
 
@@ -65,18 +66,27 @@ def up() -> None:
 
     data, app = cluster.hosts["data"], cluster.hosts["app"]
     secrets = _read_env(_secrets_file())
+    api = f"http://{app.address}:8000"
+    task = requests.post(f"{api}/tasks", json={"n": 1000, "sleep": 1}, timeout=15).json()["id"]
+    print(f"demo: submitted a task: POST {api}/tasks {{\"n\": 1000, \"sleep\": 1}} -> id {task}")
+    body = {}
+    for _ in range(60):
+        body = requests.get(f"{api}/tasks/{task}", timeout=10).json()
+        if body["state"] in ("SUCCESS", "FAILURE"):
+            break
+        time.sleep(0.5)
+    print(f"demo: GET {api}/tasks/{task} -> {body}")
     pong = redis.Redis(host=data.address, password=secrets["STACK_REDIS_PASSWORD"], protocol=2).ping()
-    database = app.exec(
-        f"PGPASSWORD={secrets['STACK_POSTGRESQL_PASSWORD']} psql -h {data.address} -U celeryuser -d celerydb "
-        "-tAc 'SELECT current_user || chr(64) || current_database()'"
-    ).strip()
     print(
         f"""
 demo: up in {time.monotonic() - started:.0f}s. Where to look (secrets in {_secrets_file()}):
+  API docs    {api}/docs
+  Health      {api}/healthz
+  Metrics     {api}/metrics
   Redis       redis://{data.address}:6379          PING from here: {'PONG' if pong else 'no answer'}
   RabbitMQ    amqp://celery@{data.address}:5672/celery
   RabbitMQ    http://{data.address}:15692/metrics  (Prometheus endpoint)
-  PostgreSQL  postgresql://celeryuser@{data.address}:5432/celerydb  from the app host: {database}
+  PostgreSQL  postgresql://celeryuser@{data.address}:5432/celerydb
   Shell       docker exec -it {cluster.hosts['app'].container.name} bash   (or {cluster.hosts['data'].container.name})
   Re-deploy   make demo        Remove      make demo-down
 """

@@ -1,0 +1,1 @@
+"""The reference application: a FastAPI API that hands work to Celery workers."""

@@ -1,0 +1,118 @@
+"""
+The HTTP API: submit a task, read its state and result, health and metrics.
+
+``/healthz`` answers 503 with the reason when the broker or the result database cannot be
+reached, and the task endpoints answer 503 (not a traceback) when the service they need is
+down. ``/metrics`` is Prometheus' text format, correct across Gunicorn's worker processes
+(prometheus_client's multi-process mode, directory in PROMETHEUS_MULTIPROC_DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from celery.result import AsyncResult
+from fastapi import FastAPI, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+
+from stackapp.celery_app import app as celery
+from stackapp.release import RELEASE
+from stackapp.tasks import compute
+
+app = FastAPI(title="stackapp", version=RELEASE)
+
+REQUESTS = Counter("stackapp_http_requests_total", "HTTP requests handled.", ["method", "route", "status"])
+LATENCY = Histogram("stackapp_http_request_duration_seconds", "Time to answer an HTTP request.", ["method", "route"])
+TASKS_SUBMITTED = Counter("stackapp_tasks_submitted_total", "Tasks accepted by the broker.")
+CHECK_TIMEOUT = 3.0
+
+
+class TaskRequest(BaseModel):
+    n: int = Field(ge=0, le=10_000_000, description="Sum the squares of 0..n-1.")
+    sleep: float = Field(0.0, ge=0, le=3600, description="Seconds the task sleeps first.")
+
+
+@app.middleware("http")
+async def measure(request: Request, call_next):
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
+        REQUESTS.labels(request.method, path, str(status)).inc()
+
+
+@app.get("/")
+def index() -> dict:
+    return {"app": "stackapp", "release": RELEASE, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+@app.post("/tasks", status_code=202)
+def submit(task: TaskRequest) -> dict:
+    try:
+        result = compute.apply_async(kwargs=task.model_dump())
+    except Exception as error:  # the broker is unreachable after the publish retries
+        raise HTTPException(503, f"broker unavailable: {type(error).__name__}: {error}") from None
+    TASKS_SUBMITTED.inc()
+    return {"id": result.id}
+
+
+@app.get("/tasks/{task_id}")
+def status(task_id: str) -> dict:
+    result = AsyncResult(task_id, app=celery)
+    try:
+        state = result.state
+        value = result.result if result.ready() else None
+    except Exception as error:  # the result database is unreachable
+        raise HTTPException(503, f"result backend unavailable: {type(error).__name__}: {error}") from None
+    if isinstance(value, Exception):
+        value = f"{type(value).__name__}: {value}"
+    return {"id": task_id, "state": state, "result": value}
+
+
+def _check_broker() -> None:
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
+
+
+def _check_results() -> None:
+    backend = celery.backend
+    if hasattr(backend, "ResultSession"):  # PostgreSQL (SQLAlchemy) backend
+        session = backend.ResultSession()
+        try:
+            session.execute(text("SELECT 1"))
+        finally:
+            session.close()
+    elif hasattr(backend, "client"):  # Redis backend
+        backend.client.ping()
+
+
+@app.get("/healthz")
+def healthz(response: Response) -> dict:
+    checks = {}
+    for name, check in (("broker", _check_broker), ("results", _check_results)):
+        try:
+            check()
+            checks[name] = "ok"
+        except Exception as error:
+            checks[name] = f"unreachable: {type(error).__name__}: {error}"
+    healthy = all(value == "ok" for value in checks.values())
+    response.status_code = 200 if healthy else 503
+    return {"status": "ok" if healthy else "unavailable", **checks}
+
+
+@app.get("/metrics")
+def metrics() -> Response:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

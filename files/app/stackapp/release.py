@@ -1,0 +1,3 @@
+"""Which build of the application this is; the API reports it at ``/``."""
+
+RELEASE = "reference-1"

@@ -1,0 +1,107 @@
+"""
+Real clients of the deployed stack, used from this machine (outside every target host) or, for
+psql, from inside an application host: redis-py, pika (AMQP 0-9-1), psql and HTTP (requests).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import redis
+import requests
+
+from bench import Cluster, Host
+
+REDIS_PORT, AMQP_PORT, PG_PORT, WEB_PORT = 6379, 5672, 5432, 8000
+APP = "stackapp"
+#: Group → the application units its hosts run.
+APP_UNITS = {
+    "web": [f"{APP}-gunicorn.socket", f"{APP}-gunicorn.service"],
+    "workers": [f"{APP}-worker.service"],
+    "beat": [f"{APP}-beat.service"],
+}
+
+
+def wait_until(check, timeout: float = 60, interval: float = 0.5):
+    """Call ``check`` until it returns a true value; its value, or the last error at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{check} still false after {timeout}s")
+        time.sleep(interval)
+
+
+def redis_client(cluster: Cluster, password: str | None = "from-cluster") -> redis.Redis:
+    password = cluster.secrets["STACK_REDIS_PASSWORD"] if password == "from-cluster" else password
+    # RESP2, as Celery's Redis transport speaks it.
+    return redis.Redis(
+        host=cluster.one("redis").address, port=REDIS_PORT, password=password, socket_timeout=10, protocol=2
+    )
+
+
+def amqp(cluster: Cluster, user: str = "celery", password: str | None = None, vhost: str = "celery"):
+    credentials = pika.PlainCredentials(user, password or cluster.secrets["STACK_RABBITMQ_PASSWORD"])
+    parameters = pika.ConnectionParameters(
+        cluster.one("rabbitmq").address, AMQP_PORT, vhost, credentials, connection_attempts=1, socket_timeout=10
+    )
+    return pika.BlockingConnection(parameters)
+
+
+def psql_from(host: Host, cluster: Cluster, sql: str, password: str | None = None) -> str:
+    """Run ``sql`` with psql on ``host`` as the application role, against the PostgreSQL host."""
+    password = password or cluster.secrets["STACK_POSTGRESQL_PASSWORD"]
+    server = cluster.one("postgres").address
+    return host.exec(
+        f"PGPASSWORD='{password}' psql -h {server} -p {PG_PORT} -U celeryuser -d celerydb -tAc \"{sql}\""
+    ).strip()
+
+
+def web_url(host: Host, path: str) -> str:
+    return f"http://{host.address}:{WEB_PORT}{path}"
+
+
+def expected_answer(n: int) -> int:
+    """What stackapp.compute(n) must answer: the sum of the squares of 0..n-1, in closed form."""
+    return (n - 1) * n * (2 * n - 1) // 6
+
+
+def submit_task(web: Host, n: int, sleep: float = 0.0) -> str:
+    response = requests.post(web_url(web, "/tasks"), json={"n": n, "sleep": sleep}, timeout=15)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def task_result(web: Host, task_id: str, timeout: float = 90) -> dict:
+    """Poll the API until the task has finished; its state and result."""
+
+    def finished():
+        body = requests.get(web_url(web, f"/tasks/{task_id}"), timeout=10).json()
+        return body if body["state"] in ("SUCCESS", "FAILURE") else None
+
+    return wait_until(finished, timeout=timeout)
+
+
+def check_task_end_to_end(cluster: Cluster, n: int = 1234) -> list[str]:
+    """Submit a task through every web host; each must come back right through the API and be
+    stored in PostgreSQL's Celery table. The task ids."""
+    ids = []
+    for web in cluster.by_group("web"):
+        task_id = submit_task(web, n)
+        body = task_result(web, task_id)
+        assert body["state"] == "SUCCESS", body
+        assert body["result"]["answer"] == expected_answer(n), body
+        row = psql_from(
+            cluster.one("workers"), cluster,
+            f"SELECT status || ' ' || name || ' ' || worker FROM celery_taskmeta WHERE task_id = '{task_id}'",
+        )
+        assert row.startswith("SUCCESS stackapp.compute worker@"), row
+        ids.append(task_id)
+    return ids
