@@ -14,6 +14,9 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pyinfra import host, inventory
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files, systemd
+from pyinfra.operations.util import any_changed
 
 import settings
 
@@ -57,3 +60,23 @@ def address() -> str:
 def app_host_addresses() -> list[str]:
     """Private addresses of every host that runs application code, sorted and unique."""
     return sorted({settings.private_address(h) for g in settings.APP_GROUPS for h in group_hosts(g)})
+
+
+def packaged_service(label: str, unit: str, changes: list[OperationMeta]) -> OperationMeta:
+    """Keep a distribution-packaged service enabled and running, restarted by systemd when it
+    dies (our drop-in, whatever the package's unit says), and restarted by us when the drop-in
+    or any of ``changes`` (our configuration files) changed. The restart operation."""
+    dropin = files.put(
+        name=f"Make systemd restart {label} always and start it after the network",
+        src=shipped_file("restart-on-failure.conf"),
+        dest=f"/etc/systemd/system/{unit}.service.d/50-stack.conf",
+        mode="0644",
+    )
+    systemd.daemon_reload(name=f"Reload systemd after the {label} drop-in changed", _if=dropin.did_change)
+    systemd.service(name=f"Keep {label} enabled and running", service=unit, running=True, enabled=True)
+    return systemd.service(
+        name=f"Restart {label} to apply the changed configuration",
+        service=unit,
+        restarted=True,
+        _if=any_changed(*changes, dropin),
+    )

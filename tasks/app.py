@@ -28,6 +28,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, pip, server, systemd
+from pyinfra.operations.util import any_changed
 
 import settings
 from tasks import PROJECT_DIR, address, render, server_of, shipped_file
@@ -68,10 +69,6 @@ def units(app: str) -> dict[str, tuple[str, str]]:
 
 def _group_of(role: str) -> str:
     return "web" if role == "web-socket" else role
-
-
-def _changed(*operations: OperationMeta):
-    return lambda: any(operation.did_change() for operation in operations)
 
 
 def _unchanged(*operations: OperationMeta):
@@ -213,7 +210,7 @@ def _units(config, code, requirements, environment, gunicorn_config, gunicorn_wo
             written[role] = files.file(name=f"Remove the unit {unit}", path=f"{UNIT_DIR}/{unit}", present=False)
     if not written:
         return
-    systemd.daemon_reload(name="Reload systemd after our units changed", _if=_changed(*written.values()))
+    systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
 
     for role in ("workers", "beat"):
         if role in host.groups:
@@ -223,7 +220,7 @@ def _units(config, code, requirements, environment, gunicorn_config, gunicorn_wo
                 name=f"Restart {unit} for the changed code, requirements, environment or unit",
                 service=unit,
                 restarted=True,
-                _if=_changed(*everyone, written[role]),
+                _if=any_changed(*everyone, written[role]),
             )
 
     if "web" in host.groups:
@@ -238,11 +235,11 @@ def _units(config, code, requirements, environment, gunicorn_config, gunicorn_wo
             name=f"Restart {service} for changed requirements, environment, units or worker class",
             service=service,
             restarted=True,
-            _if=_changed(*restart),
+            _if=any_changed(*restart),
         )
         systemd.service(
             name=f"Reload {service} gracefully for the changed code or Gunicorn configuration",
             service=service,
             reloaded=True,
-            _if=[_changed(code, gunicorn_config), _unchanged(*restart)],
+            _if=[any_changed(code, gunicorn_config), _unchanged(*restart)],
         )

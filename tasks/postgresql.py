@@ -22,10 +22,9 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import files, postgresql, systemd
-from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import address, app_host_addresses, render, shipped_file
+from tasks import address, app_host_addresses, packaged_service, render
 
 #: Default PostgreSQL major version of each release, as its "postgresql" package installs.
 DEFAULT_VERSIONS = {("Debian", 12): "15", ("Debian", 13): "17", ("Ubuntu", 22): "14", ("Ubuntu", 24): "16"}
@@ -127,20 +126,7 @@ def postgresql_server(secrets: settings.Secrets) -> None:
         ).getvalue().strip(),
         marker="# {mark} celery application access, managed by the deploy",
     )
-    dropin = files.put(
-        name="Make systemd restart PostgreSQL always and start it after the network",
-        src=shipped_file("restart-on-failure.conf"),
-        dest=f"/etc/systemd/system/{service}.service.d/50-stack.conf",
-        mode="0644",
-    )
-    systemd.daemon_reload(name="Reload systemd after the PostgreSQL drop-in changed", _if=dropin.did_change)
-    systemd.service(name="Keep PostgreSQL enabled and running", service=service, running=True, enabled=True)
-    systemd.service(
-        name="Restart PostgreSQL to apply the changed configuration",
-        service=service,
-        restarted=True,
-        _if=any_changed(our_config, dropin),
-    )
+    packaged_service("PostgreSQL", service, [our_config])
     systemd.service(
         name="Reload PostgreSQL to apply the changed pg_hba.conf",
         service=service,

@@ -20,11 +20,10 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand, deploy
-from pyinfra.operations import files, server, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import files, server
 
 import settings
-from tasks import address, render, shipped_file
+from tasks import address, packaged_service, render
 
 PACKAGES = ["rabbitmq-server"]
 SERVICE = "rabbitmq-server"
@@ -121,24 +120,11 @@ def rabbitmq_server(secrets: settings.Secrets) -> None:
         group="rabbitmq",
         mode="0644",
     )
-    dropin = files.put(
-        name="Make systemd restart RabbitMQ always and start it after the network",
-        src=shipped_file("restart-on-failure.conf"),
-        dest=f"/etc/systemd/system/{SERVICE}.service.d/50-stack.conf",
-        mode="0644",
-    )
-    systemd.daemon_reload(name="Reload systemd after the RabbitMQ drop-in changed", _if=dropin.did_change)
-    systemd.service(name="Keep RabbitMQ enabled and running", service=SERVICE, running=True, enabled=True)
-    systemd.service(
-        name="Restart RabbitMQ to apply the changed configuration",
-        service=SERVICE,
-        restarted=True,
-        _if=any_changed(our_config, plugins, dropin),
-    )
+    restart = packaged_service("RabbitMQ", SERVICE, [our_config, plugins])
     server.shell(
         name="Wait until RabbitMQ accepts commands",
         commands=["rabbitmqctl -q await_startup --timeout 120"],
-        _if=any_changed(our_config, plugins, dropin),
+        _if=restart.did_change,
     )
 
     current = host.get_fact(RabbitmqDefinitions)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import files
 
 import settings
-from tasks import address, render, shipped_file
+from tasks import address, packaged_service, render
 
 PACKAGES = ["redis-server", "redis-tools"]
 SERVICE = "redis-server"
@@ -44,17 +43,4 @@ def redis_server(secrets: settings.Secrets) -> None:
         line=f"^include {OUR_CONFIG}$",
         ensure_newline=True,
     )
-    dropin = files.put(
-        name="Make systemd restart Redis always and start it after the network",
-        src=shipped_file("restart-on-failure.conf"),
-        dest=f"/etc/systemd/system/{SERVICE}.service.d/50-stack.conf",
-        mode="0644",
-    )
-    systemd.daemon_reload(name="Reload systemd after the Redis drop-in changed", _if=dropin.did_change)
-    systemd.service(name="Keep Redis enabled and running", service=SERVICE, running=True, enabled=True)
-    systemd.service(
-        name="Restart Redis to apply the changed configuration",
-        service=SERVICE,
-        restarted=True,
-        _if=any_changed(our_config, include, dropin),
-    )
+    packaged_service("Redis", SERVICE, [our_config, include])
