@@ -36,6 +36,6 @@ demo-down: $(BIN)/.installed
 clean-bench: $(BIN)/.installed
 	$(BIN)/python -c "from tests.bench import remove_all_bench_resources as clean; clean()"
 
-## settings-table: print the settings table README.md shows
+## settings-table: rewrite README.md's settings table from settings.py
 settings-table: $(BIN)/.installed
-	$(BIN)/python settings.py
+	$(BIN)/python settings.py --readme

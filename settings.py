@@ -95,6 +95,14 @@ def _pg_version(value: str) -> str | None:
     return None if value == "auto" or value.isdigit() else 'must be "auto" or a major version like "15"'
 
 
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda value: None if value in choices else "must be " + " or ".join(f'"{c}"' for c in choices)
+
+
+def _db_index(value: int) -> str | None:
+    return None if 0 <= value <= 15 else "must be a Redis database index from 0 to 15"
+
+
 def _absolute_or_empty(value: str) -> str | None:
     return None if value == "" or value.startswith("/") else "must be an absolute path, or empty for the default"
 
@@ -184,6 +192,15 @@ class Settings:
         lambda v: None if v in ("everysec", "always") else 'must be "everysec" or "always"',
     )
 
+    redis_broker_db: int = setting(0, "Redis database of the broker's queues (celery_broker = redis).", _db_index)
+    redis_result_db: int = setting(1, "Redis database of task results (celery_result_backend = redis).", _db_index)
+    redis_visibility_timeout_seconds: int = setting(
+        7200,
+        "With Redis as broker, a task a worker took but did not acknowledge (it crashed) is given to "
+        "another worker after this long; must exceed the longest task and any ETA or countdown.",
+        _positive,
+    )
+
     # RabbitMQ
     rabbitmq_port: int = setting(5672, "AMQP port RabbitMQ listens on (private address and loopback).", _port)
     rabbitmq_prometheus_port: int = setting(
@@ -211,6 +228,16 @@ class Settings:
     postgresql_port: int = setting(5432, "TCP port PostgreSQL listens on (private address and loopback).", _port)
     postgresql_database: str = setting("celerydb", "Database holding Celery's results.", _identifier)
     postgresql_user: str = setting("celeryuser", "Role owning that database, used by the application.", _identifier)
+
+    # Choices
+    celery_broker: str = setting(
+        "rabbitmq",
+        'Message broker: "rabbitmq" (durable queues, publisher confirms) or "redis" (lists persisted by AOF).',
+        _one_of("rabbitmq", "redis"),
+    )
+    celery_result_backend: str = setting(
+        "postgresql", 'Where task results are stored: "postgresql" or "redis".', _one_of("postgresql", "redis")
+    )
 
     # Application
     app_name: str = setting(
@@ -255,15 +282,33 @@ class Settings:
         """Seconds systemd lets a stopping worker finish its running tasks."""
         return self.celery_longest_task_seconds + STOP_MARGIN_SECONDS
 
+    @property
+    def servers_needed(self) -> dict[str, str]:
+        """Server group → the setting that needs it, for the application's broker and results."""
+        needed = {"rabbitmq" if self.celery_broker == "rabbitmq" else "redis": "celery_broker"}
+        needed.setdefault("postgres" if self.celery_result_backend == "postgresql" else "redis", "celery_result_backend")
+        return needed
+
     def cross_problems(self) -> list[str]:
         """Problems between settings that are each valid alone."""
+        problems = []
         if self.rabbitmq_consumer_timeout_ms <= self.celery_longest_task_seconds * 1000:
-            return [
+            problems.append(
                 f"rabbitmq_consumer_timeout_ms ({self.rabbitmq_consumer_timeout_ms}) must exceed "
                 f"celery_longest_task_seconds ({self.celery_longest_task_seconds}) in ms, or RabbitMQ takes "
                 "back tasks that are still running; raise it or lower celery_longest_task_seconds"
-            ]
-        return []
+            )
+        if self.redis_visibility_timeout_seconds <= self.celery_longest_task_seconds:
+            problems.append(
+                f"redis_visibility_timeout_seconds ({self.redis_visibility_timeout_seconds}) must exceed "
+                f"celery_longest_task_seconds ({self.celery_longest_task_seconds}), or Redis hands running "
+                "tasks to a second worker; raise it"
+            )
+        if self.redis_broker_db == self.redis_result_db:
+            problems.append(
+                f"redis_broker_db and redis_result_db are both {self.redis_broker_db}; give each use its own database"
+            )
+        return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,15 +481,27 @@ def _topology_problems(inventory: Any) -> list[str]:
             problems.append(
                 f"host {host.name} is in no group; add it to one of {', '.join(GROUPS)} in inventory.py"
             )
-    for group, dependants in (("redis", APP_GROUPS), ("rabbitmq", APP_GROUPS), ("postgres", APP_GROUPS)):
+    app_hosts = [resolve(h.data.dict())[0] for h in inventory if any(g in h.groups for g in APP_GROUPS)]
+    choices = {(config.celery_broker, config.celery_result_backend) for config in app_hosts}
+    if len(choices) > 1:
+        problems.append(
+            f"application hosts disagree on celery_broker / celery_result_backend ({sorted(choices)}); "
+            "set them once, in group_data/all.py"
+        )
+    needed = {group: setting for config in app_hosts for group, setting in config.servers_needed.items()}
+    for group in ("redis", "rabbitmq", "postgres"):
         servers = inventory.get_group(group, [])
         if len(servers) > 1:
             problems.append(
                 f"group {group} has {len(servers)} hosts; this deploy runs exactly one {group} "
                 "server: keep one host in it"
             )
-        if not servers and any(inventory.get_group(g, []) for g in dependants):
-            problems.append(f"group {group} is empty but the application needs it; add a host to {group}")
+        if not servers and group in needed:
+            value = getattr(app_hosts[0], needed[group])
+            problems.append(
+                f"group {group} is empty but {needed[group]} = {value!r} needs it; add a host to {group} "
+                f"or choose another {needed[group]}"
+            )
     beat = inventory.get_group("beat", [])
     if len(beat) != 1 and any(inventory.get_group(g, []) for g in ("web", "workers")):
         problems.append(
@@ -503,5 +560,19 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- settings table: generated by `python settings.py --readme` -->", "<!-- end of settings table -->"
+
+
+def update_readme(path: Path = PROJECT_DIR / "README.md") -> None:
+    """Replace the settings table between README.md's markers with the current one."""
+    text = path.read_text()
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    path.write_text(f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}")
+
+
 if __name__ == "__main__":
-    sys.stdout.write(markdown_table() + "\n")
+    if sys.argv[1:] == ["--readme"]:
+        update_readme()
+    else:
+        sys.stdout.write(markdown_table() + "\n")

@@ -37,23 +37,32 @@ PACKAGES = ["python3-venv"]
 UNIT_DIR = "/etc/systemd/system"
 
 
-def broker_url(secrets: settings.Secrets) -> str:
-    """AMQP URL of the RabbitMQ host, with the application's credentials."""
-    server = server_of("rabbitmq")
-    config = settings.for_host(server)
-    return (
-        f"amqp://{config.rabbitmq_user}:{quote(secrets.rabbitmq_password, safe='')}"
-        f"@{settings.private_address(server)}:{config.rabbitmq_port}/{config.rabbitmq_vhost}"
+def _server_url(scheme: str, group: str, password: str, user_port_path) -> str:
+    """URL of the one server of ``group``: ``user_port_path`` picks the user, port and path
+    (vhost, database) from that server's own settings."""
+    server = server_of(group)
+    user, port, path = user_port_path(settings.for_host(server))
+    return f"{scheme}://{user}:{quote(password, safe='')}@{settings.private_address(server)}:{port}/{path}"
+
+
+def broker_url(config: settings.Settings, secrets: settings.Secrets) -> str:
+    """URL of the chosen broker, with the application's credentials."""
+    if config.celery_broker == "redis":
+        return _server_url("redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_broker_db))
+    return _server_url(
+        "amqp", "rabbitmq", secrets.rabbitmq_password, lambda s: (s.rabbitmq_user, s.rabbitmq_port, s.rabbitmq_vhost)
     )
 
 
-def result_backend_url(secrets: settings.Secrets) -> str:
-    """SQLAlchemy URL of the PostgreSQL host, for Celery's database result backend."""
-    server = server_of("postgres")
-    config = settings.for_host(server)
-    return (
-        f"db+postgresql+psycopg2://{config.postgresql_user}:{quote(secrets.postgresql_password, safe='')}"
-        f"@{settings.private_address(server)}:{config.postgresql_port}/{config.postgresql_database}"
+def result_backend_url(config: settings.Settings, secrets: settings.Secrets) -> str:
+    """URL of the chosen result store: Celery's database backend on PostgreSQL, or Redis."""
+    if config.celery_result_backend == "redis":
+        return _server_url("redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_result_db))
+    return _server_url(
+        "db+postgresql+psycopg2",
+        "postgres",
+        secrets.postgresql_password,
+        lambda s: (s.postgresql_user, s.postgresql_port, s.postgresql_database),
     )
 
 
@@ -101,9 +110,10 @@ def application(secrets: settings.Secrets) -> None:
         src=render(
             "app/app.env.j2",
             app=app,
-            broker_url=broker_url(secrets),
-            result_backend=result_backend_url(secrets),
+            broker_url=broker_url(config, secrets),
+            result_backend=result_backend_url(config, secrets),
             task_time_limit=config.celery_longest_task_seconds,
+            visibility_timeout=config.redis_visibility_timeout_seconds,
             heartbeat_seconds=config.beat_heartbeat_seconds,
         ),
         dest=f"/etc/{app}/app.env",

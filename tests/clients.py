@@ -5,6 +5,7 @@ psql, from inside an application host: redis-py, pika (AMQP 0-9-1), psql and HTT
 
 from __future__ import annotations
 
+import json
 import time
 
 import pika
@@ -14,6 +15,7 @@ import requests
 from bench import Cluster, Host
 
 REDIS_PORT, AMQP_PORT, PG_PORT, WEB_PORT = 6379, 5672, 5432, 8000
+REDIS_BROKER_DB, REDIS_RESULT_DB = 0, 1
 APP = "stackapp"
 #: Group → the application units its hosts run.
 APP_UNITS = {
@@ -39,11 +41,11 @@ def wait_until(check, timeout: float = 60, interval: float = 0.5):
         time.sleep(interval)
 
 
-def redis_client(cluster: Cluster, password: str | None = "from-cluster") -> redis.Redis:
+def redis_client(cluster: Cluster, password: str | None = "from-cluster", db: int = 0) -> redis.Redis:
     password = cluster.secrets["STACK_REDIS_PASSWORD"] if password == "from-cluster" else password
     # RESP2, as Celery's Redis transport speaks it.
     return redis.Redis(
-        host=cluster.one("redis").address, port=REDIS_PORT, password=password, socket_timeout=10, protocol=2
+        host=cluster.one("redis").address, port=REDIS_PORT, password=password, socket_timeout=10, protocol=2, db=db
     )
 
 
@@ -89,19 +91,28 @@ def task_result(web: Host, task_id: str, timeout: float = 90) -> dict:
     return wait_until(finished, timeout=timeout)
 
 
-def check_task_end_to_end(cluster: Cluster, n: int = 1234) -> list[str]:
+def stored_result(cluster: Cluster, task_id: str, backend: str = "postgresql") -> str:
+    """``status name worker`` of a task as the result store holds it, read with its own client."""
+    if backend == "redis":
+        raw = redis_client(cluster, db=REDIS_RESULT_DB).get(f"celery-task-meta-{task_id}")
+        meta = json.loads(raw) if raw else {}
+        return f"{meta.get('status')} {meta.get('name')} {meta.get('worker')}"
+    return psql_from(
+        cluster.one("workers"), cluster,
+        f"SELECT status || ' ' || name || ' ' || worker FROM celery_taskmeta WHERE task_id = '{task_id}'",
+    )
+
+
+def check_task_end_to_end(cluster: Cluster, n: int = 1234, backend: str = "postgresql") -> list[str]:
     """Submit a task through every web host; each must come back right through the API and be
-    stored in PostgreSQL's Celery table. The task ids."""
+    in the result store (PostgreSQL's Celery table, or Redis). The task ids."""
     ids = []
     for web in cluster.by_group("web"):
         task_id = submit_task(web, n)
         body = task_result(web, task_id)
         assert body["state"] == "SUCCESS", body
         assert body["result"]["answer"] == expected_answer(n), body
-        row = psql_from(
-            cluster.one("workers"), cluster,
-            f"SELECT status || ' ' || name || ' ' || worker FROM celery_taskmeta WHERE task_id = '{task_id}'",
-        )
+        row = stored_result(cluster, task_id, backend)
         assert row.startswith("SUCCESS stackapp.compute worker@"), row
         ids.append(task_id)
     return ids

@@ -78,6 +78,9 @@ def test_good_input_passes_and_defaults_apply():
         ({"asgi_app": "my app"}, "asgi_app must be a Python import path"),
         ({"celery_loglevel": "verbose"}, "celery_loglevel must be one of"),
         ({"celery_queues": "a, b"}, "celery_queues must be comma-separated queue names"),
+        ({"celery_broker": "kafka"}, 'celery_broker must be "rabbitmq" or "redis" (got \'kafka\')'),
+        ({"redis_result_db": 0}, "redis_broker_db and redis_result_db are both 0"),
+        ({"redis_visibility_timeout_seconds": 60}, "redis_visibility_timeout_seconds (60) must exceed celery_longest_task_seconds (300)"),
         ({"postgresql_database": "Celery-DB"}, "postgresql_database must be lower-case letters"),
         ({"extra_ca_certificates": ["/nonexistent/ca.pem"]}, "/nonexistent/ca.pem does not exist"),
         ({"private_address": "127.0.0.1"}, "is not reachable from other hosts"),
@@ -127,12 +130,25 @@ def test_secrets_file_is_read_and_environment_wins(tmp_path, monkeypatch):
     assert secrets.postgresql_password == GOOD_SECRETS["STACK_POSTGRESQL_PASSWORD"]
 
 
-def test_topology_needs_its_servers_once_each():
+def test_topology_needs_the_servers_of_the_chosen_broker_and_backend():
     app_only = FakeInventory([FakeHost("10.0.0.6", ["web", "workers", "beat"])])
     with pytest.raises(settings.SettingsError) as error:
         validate(app_only, **GOOD_SECRETS)
-    for group in ("redis", "rabbitmq", "postgres"):
-        assert f"group {group} is empty but the application needs it; add a host to {group}" in str(error.value)
+    message = str(error.value)
+    assert "group rabbitmq is empty but celery_broker = 'rabbitmq' needs it; add a host to rabbitmq" in message
+    assert "group postgres is empty but celery_result_backend = 'postgresql' needs it" in message
+    assert "group redis" not in message  # the default choices do not need Redis
+
+    settings.validate.cache_clear()
+    redis_only = FakeInventory([FakeHost("10.0.0.6", ["web", "workers", "beat"], celery_broker="redis", celery_result_backend="redis")])
+    with pytest.raises(settings.SettingsError) as error:
+        validate(redis_only, **GOOD_SECRETS)
+    assert "group redis is empty but celery_broker = 'redis' needs it" in str(error.value)
+    assert "group rabbitmq" not in str(error.value) and "group postgres" not in str(error.value)
+
+    settings.validate.cache_clear()
+    validate(FakeInventory([FakeHost("10.0.0.6", ["redis", "web", "workers", "beat"], celery_broker="redis",
+                                     celery_result_backend="redis")]), **GOOD_SECRETS)
 
     two_redis = FakeInventory(all_in_one() + [FakeHost("10.0.0.7", ["redis"])])
     with pytest.raises(settings.SettingsError, match="group redis has 2 hosts"):

@@ -14,8 +14,20 @@ from celery import Celery
 
 app = Celery("stackapp", include=["stackapp.tasks"])
 
+BROKER_URL = os.environ["CELERY_BROKER_URL"]
+# With Redis as broker, a task taken by a worker and never acknowledged (the worker crashed)
+# goes back to the queue after this many seconds: longer than the longest task and any ETA, or
+# a running task is given to a second worker. Results in Redis use the same value.
+VISIBILITY_TIMEOUT = int(os.environ.get("STACKAPP_VISIBILITY_TIMEOUT", "7200"))
+if BROKER_URL.startswith("redis"):
+    BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": VISIBILITY_TIMEOUT}
+else:
+    # Publisher confirms: apply_async returns only once RabbitMQ has taken the message, so a
+    # broker crash right after "accepted" cannot swallow it.
+    BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+
 app.conf.update(
-    broker_url=os.environ["CELERY_BROKER_URL"],
+    broker_url=BROKER_URL,
     result_backend=os.environ["CELERY_RESULT_BACKEND"],
     # Acknowledge a task when it has finished, not when it is received: a worker that dies
     # mid-task leaves the message unacknowledged, and the broker delivers it again.
@@ -26,9 +38,8 @@ app.conf.update(
     # Each pool process reserves one task at a time: a crashed worker holds back (and a busy
     # one delays) at most one task per process instead of four.
     worker_prefetch_multiplier=1,
-    # Publisher confirms: apply_async returns only once RabbitMQ has taken the message, so a
-    # broker crash right after "accepted" cannot swallow it.
-    broker_transport_options={"confirm_publish": True},
+    broker_transport_options=BROKER_TRANSPORT_OPTIONS,
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     # Persistent messages (written to disk by RabbitMQ) in durable queues survive a broker
     # restart; persistent is Celery's default, stated here because the promise depends on it.
     task_default_delivery_mode="persistent",

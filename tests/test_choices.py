@@ -1,0 +1,69 @@
+"""
+Broker and result backend are choices. On the split topology (hosts shared: the deployment is
+switched in place, which is also the switch users make), every combination carries tasks end
+to end; with Redis as broker, tasks queued while no worker runs survive a restart and a kill -9
+of redis-server. The last step switches back to the defaults for the tests that follow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from bench import Cluster
+from clients import (
+    APP, REDIS_BROKER_DB, check_task_end_to_end, expected_answer, redis_client, submit_task, task_result, wait_until,
+)
+
+pytestmark = [pytest.mark.bench, pytest.mark.parametrize("deployed", ["split"], indirect=True)]
+
+COMBINATIONS = [("redis", "redis"), ("redis", "postgresql"), ("rabbitmq", "redis"), ("rabbitmq", "postgresql")]
+
+
+def queued_task_ids(cluster: Cluster) -> set[str]:
+    """Ids of the task messages waiting in Redis' "celery" list (beat's heartbeats among them)."""
+    messages = redis_client(cluster, db=REDIS_BROKER_DB).lrange("celery", 0, -1)
+    return {json.loads(message)["headers"]["id"] for message in messages}
+
+
+def switch(cluster: Cluster, broker: str, backend: str):
+    run = cluster.deploy("--data", f"celery_broker={broker}", "--data", f"celery_result_backend={backend}")
+    assert run.returncode == 0, run.stderr[-6000:]
+    return run
+
+
+@pytest.mark.parametrize("broker, backend", COMBINATIONS, ids=[f"{b}+{r}" for b, r in COMBINATIONS])
+def test_every_broker_and_backend_combination_carries_tasks_end_to_end(deployed: Cluster, broker, backend):
+    switch(deployed, broker, backend)
+    check_task_end_to_end(deployed, backend=backend)
+
+
+@pytest.mark.parametrize("fault", ["systemctl restart redis-server", "pkill -9 -x redis-server"])
+def test_tasks_queued_in_redis_survive_redis_restart_and_crash(deployed: Cluster, fault: str):
+    """Queued with no worker running, then Redis restarted (or killed: only the AOF, fsynced
+    every second, holds the queue then), then workers started: every task completes."""
+    switch(deployed, "redis", "postgresql")
+    workers, web = deployed.by_group("workers"), deployed.one("web")
+    try:
+        for host in workers:
+            host.exec(f"systemctl stop {APP}-worker.service")
+        ids = [submit_task(web, n) for n in range(100, 150)]
+        assert set(ids) <= queued_task_ids(deployed)
+        time.sleep(1.5)  # appendfsync everysec
+        deployed.one("redis").exec(fault)
+        assert wait_until(lambda: set(ids) <= queued_task_ids(deployed), timeout=30)
+    finally:
+        for host in workers:
+            host.exec(f"systemctl start {APP}-worker.service")
+    for n, task_id in zip(range(100, 150), ids):
+        body = task_result(web, task_id, timeout=120)
+        assert body["state"] == "SUCCESS" and body["result"]["answer"] == expected_answer(n), body
+
+
+def test_switching_back_to_the_defaults(deployed: Cluster):
+    switch(deployed, "rabbitmq", "postgresql")
+    check_task_end_to_end(deployed)
+    again = deployed.deploy()
+    assert again.returncode == 0 and again.changed == [], again.changed
