@@ -304,6 +304,12 @@ class Settings:
                 f"celery_longest_task_seconds ({self.celery_longest_task_seconds}), or Redis hands running "
                 "tasks to a second worker; raise it"
             )
+        source = PROJECT_DIR / Path(self.app_source).expanduser()
+        if source.is_dir() and not (source / self.app_requirements).is_file():
+            problems.append(
+                f"app_requirements {self.app_requirements!r} is not a file in app_source ({source}); "
+                "point it at the application's pinned requirements file"
+            )
         if self.redis_broker_db == self.redis_result_db:
             problems.append(
                 f"redis_broker_db and redis_result_db are both {self.redis_broker_db}; give each use its own database"

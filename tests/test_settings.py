@@ -75,6 +75,7 @@ def test_good_input_passes_and_defaults_apply():
         ({"celery_longest_task_seconds": 4000}, "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)"),
         ({"app_source": "/nonexistent/app"}, "app_source must be a directory on this machine; '/nonexistent/app' is not one"),
         ({"app_dir": "opt/app"}, "app_dir must be an absolute path"),
+        ({"app_requirements": "requirements-prod.txt"}, "app_requirements 'requirements-prod.txt' is not a file in app_source"),
         ({"asgi_app": "my app"}, "asgi_app must be a Python import path"),
         ({"celery_loglevel": "verbose"}, "celery_loglevel must be one of"),
         ({"celery_queues": "a, b"}, "celery_queues must be comma-separated queue names"),
