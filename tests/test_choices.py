@@ -57,7 +57,7 @@ def test_tasks_queued_in_redis_survive_redis_restart_and_crash(deployed: Cluster
     finally:
         for host in workers:
             host.exec(f"systemctl start {APP}-worker.service")
-    for n, task_id in zip(range(100, 150), ids):
+    for n, task_id in zip(range(100, 150), ids, strict=True):
         body = task_result(web, task_id, timeout=120)
         assert body["state"] == "SUCCESS" and body["result"]["answer"] == expected_answer(n), body
 
