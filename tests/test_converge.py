@@ -6,9 +6,12 @@ any operation runs.
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from bench import Cluster
+import pytest
+import testinfra
+
+from bench import Cluster, host_ca_certificates
 
 pytestmark = pytest.mark.bench
 
@@ -32,3 +35,31 @@ def test_missing_secret_stops_the_deploy_before_anything_runs(deployed: Cluster)
     assert "STACK_RABBITMQ_PASSWORD is missing or empty" in run.stderr
     assert "nothing was changed" in run.stderr
     assert "Starting operation" not in run.stderr
+
+
+def test_files_holding_secrets_are_0640_and_not_world_readable(deployed: Cluster):
+    """Every file the deploy writes a secret into: mode 0640, owned by root or the service,
+    readable by the group of the service that needs it and by nobody else."""
+    expected = {
+        "redis": [("/etc/redis/stack.conf", "redis", "redis")],
+        "workers": [("/etc/stackapp/app.env", "root", "stackapp")],
+    }
+    for group, paths in expected.items():
+        for host in deployed.by_group(group):
+            node = testinfra.get_host(f"docker://{host.container.name}")
+            for path, user, owner_group in paths:
+                file = node.file(path)
+                assert (file.mode, file.user, file.group) == (0o640, user, owner_group), (host.name, path)
+
+
+def test_extra_ca_certificates_are_in_every_hosts_trust_store(deployed: Cluster):
+    certificates = host_ca_certificates()
+    if not certificates:
+        pytest.skip("this machine trusts no extra CA, so the bench passes none to the deploy")
+    for host in deployed.hosts.values():
+        bundle = host.exec("cat /etc/ssl/certs/ca-certificates.crt")
+        installed = host.exec("ls /usr/local/share/ca-certificates/").split()
+        assert len([name for name in installed if name.startswith("stack-")]) == len(certificates), installed
+        for path in certificates:
+            body = Path(path).read_text().strip().splitlines()
+            assert "\n".join(body[1:-1])[:200] in bundle.replace("\r", ""), (host.name, path)
