@@ -6,6 +6,7 @@ psql, from inside an application host: redis-py, pika (AMQP 0-9-1), psql and HTT
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pika
@@ -23,6 +24,14 @@ APP_UNITS = {
     "workers": [f"{APP}-worker.service"],
     "beat": [f"{APP}-beat.service"],
 }
+#: Group → the packaged services its host runs (PostgreSQL: Debian 12's default version).
+DATA_UNITS = {
+    "redis": ["redis-server.service"],
+    "rabbitmq": ["rabbitmq-server.service"],
+    "postgres": ["postgresql@15-main.service"],
+}
+#: Every unit the deploy manages, by group.
+MANAGED_UNITS = {**DATA_UNITS, **APP_UNITS}
 
 
 def wait_until(check, timeout: float = 60, interval: float = 0.5):
@@ -112,7 +121,58 @@ def check_task_end_to_end(cluster: Cluster, n: int = 1234, backend: str = "postg
         body = task_result(web, task_id)
         assert body["state"] == "SUCCESS", body
         assert body["result"]["answer"] == expected_answer(n), body
+        assert body["executions"] == 1, body  # recorded once, in the result store
         row = stored_result(cluster, task_id, backend)
         assert row.startswith("SUCCESS stackapp.compute worker@"), row
         ids.append(task_id)
     return ids
+
+
+class RequestLoop:
+    """``clients`` threads each sending GET / to every web host in turn, one request at a time,
+    until stopped (bounded: at most ``limit_seconds``); counts answers and failures, and the
+    longest time the service went without answering. Container addresses only."""
+
+    def __init__(self, hosts, clients: int = 1, limit_seconds: float = 600):
+        self.hosts, self.limit = hosts, limit_seconds
+        self.ok, self.failures, self.releases = 0, [], set()
+        self.answered_at: list[float] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "RequestLoop":
+        self.started_at = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        self.stopped_at = time.monotonic()
+
+    def longest_gap(self) -> float:
+        """Longest time between two successful answers (or from the start, or until the end)."""
+        moments = [self.started_at, *sorted(self.answered_at), self.stopped_at]
+        return max(later - earlier for earlier, later in zip(moments, moments[1:]))
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        # A new connection per request: the case a reload can break. (A keep-alive connection
+        # the server closes while the client sends on it is HTTP's own race, which clients
+        # resolve by retrying idempotent requests.)
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            for host in self.hosts:
+                try:
+                    response = requests.get(web_url(host, "/"), timeout=10)
+                    response.raise_for_status()
+                    with self.lock:
+                        self.releases.add(response.json()["release"])
+                        self.ok += 1
+                        self.answered_at.append(time.monotonic())
+                except requests.RequestException as error:
+                    with self.lock:
+                        self.failures.append(f"{host.name}: {error}")
+                    self.stop.wait(0.1)  # a host that is down refuses at once: do not spin

@@ -1,15 +1,18 @@
 """
 Session fixtures of the bench, in Molecule's order: create → converge → idempotence → verify
 → destroy. Each topology is deployed once per session and shared by the tests that only read
-it; containers are removed at the end even when a test fails, and a failing test prints
-``systemctl --failed`` and the journal of the failed units of its topology.
+it; destructive suites (tests/faults) converge hosts of their own with ``converge``. Containers
+are removed at the end even when a test fails, and a failing test prints ``systemctl --failed``
+and the journals of the failed (and systemd-restarted) units of every topology it used.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,7 +33,7 @@ def base_image() -> str:
     return ensure_base_image()
 
 
-def bench_settings() -> dict[str, str]:
+def bench_settings(**overrides: str) -> dict[str, str]:
     """Settings the bench passes with --data, as a user would on the command line."""
     # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
     data = {"beat_heartbeat_seconds": "5"}
@@ -39,49 +42,67 @@ def bench_settings() -> dict[str, str]:
         data["extra_ca_certificates"] = ",".join(certificates)
     if os.environ.get("STACK_BENCH_APT_PROXY"):
         data["apt_proxy"] = os.environ["STACK_BENCH_APT_PROXY"]
-    return data
+    return {**data, **overrides}
+
+
+@pytest.fixture(scope="session")
+def converge(base_image, tmp_path_factory):
+    """``converge(name, topology, idempotence=True, **settings)``: a context manager that
+    creates the containers of ``topology``, deploys (and, with ``idempotence``, deploys again),
+    yields the cluster and destroys it, whatever happened."""
+
+    @contextmanager
+    def converged(name: str, topology: dict, idempotence: bool = True, **settings: str) -> Iterator[Cluster]:
+        cluster = Cluster(topology, base_image, tmp_path_factory.mktemp(name), data=bench_settings(**settings))
+        cluster.name = name
+        try:
+            cluster.create()
+            fresh = cluster.deploy()
+            if fresh.returncode == 0 and idempotence:
+                cluster.deploy()
+            TIMINGS.append(
+                f"{name}: {len(cluster.hosts)} host(s), fresh deploy {cluster.runs[0].seconds:.1f}s"
+                + (f", no-op re-run {cluster.runs[1].seconds:.1f}s" if len(cluster.runs) > 1 else "")
+            )
+            yield cluster
+        finally:
+            cluster.destroy()
+
+    return converged
 
 
 @pytest.fixture(scope="session", params=sorted(TOPOLOGIES))
-def deployed(request, base_image, tmp_path_factory) -> Cluster:
+def deployed(request, converge) -> Cluster:
     """A topology, created and converged, then deployed a second time (the idempotence run)."""
-    name = request.param
-    cluster = Cluster(TOPOLOGIES[name], base_image, tmp_path_factory.mktemp(name), data=bench_settings())
-    cluster.name = name
-    request.node.stash_cluster = cluster
-    try:
-        cluster.create()
-        converge = cluster.deploy()
-        if converge.returncode == 0:
-            cluster.deploy()
-        TIMINGS.append(
-            f"{name}: {len(cluster.hosts)} host(s), fresh deploy {cluster.runs[0].seconds:.1f}s"
-            + (f", no-op re-run {cluster.runs[1].seconds:.1f}s" if len(cluster.runs) > 1 else "")
-        )
-        _CLUSTERS.append(cluster)
+    with converge(request.param, TOPOLOGIES[request.param]) as cluster:
         yield cluster
-    finally:
-        _CLUSTERS.remove(cluster) if cluster in _CLUSTERS else None
-        cluster.destroy()
 
 
-_CLUSTERS: list[Cluster] = []
 TIMINGS: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Measured deploy times of the session, for the record."""
+    """Measured deploy times of the session, and the fault suite's table, for the record."""
     if TIMINGS:
         terminalreporter.section("deploy timings")
         for line in TIMINGS:
             terminalreporter.write_line(line)
+    from faults.harness import OUTCOMES, table
+
+    if OUTCOMES:
+        terminalreporter.section("what survives what (tests/faults)")
+        terminalreporter.write_line(table(OUTCOMES))
+        for outcome in OUTCOMES:
+            for note in outcome.notes:
+                terminalreporter.write_line(f"{outcome.fault}: {note}")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On a failed test, print what systemd says about the hosts of the clusters in use."""
+    """On a failed test, print what systemd says about the hosts of the clusters it used."""
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:
-        for cluster in _CLUSTERS:
-            report.sections.append((f"systemd on {cluster.name}", cluster.diagnostics()))
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Cluster) and value.hosts:
+                report.sections.append((f"systemd on {value.name}", value.diagnostics()))

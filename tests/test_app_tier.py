@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import requests
 
 from bench import PROJECT_DIR, Cluster
-from clients import APP, APP_UNITS, check_task_end_to_end, psql_from, wait_until, web_url
+from clients import APP, APP_UNITS, RequestLoop, check_task_end_to_end, psql_from, wait_until, web_url
 
 pytestmark = pytest.mark.bench
 
@@ -88,46 +87,6 @@ def test_metrics_count_every_request_across_gunicorn_workers(deployed: Cluster):
     after = _metric(requests.get(web_url(web, "/metrics"), timeout=10).text, "stackapp_http_requests_total", **labels)
     assert len(pids) >= 2, "all requests went to one worker: the test proves nothing"
     assert after - before == 40
-
-
-class RequestLoop:
-    """``clients`` threads each sending GET / to every web host in turn, one request at a time,
-    until stopped (bounded: at most ``limit_seconds``); counts answers and failures. Container
-    addresses only."""
-
-    def __init__(self, hosts, clients: int = 1, limit_seconds: float = 600):
-        self.hosts, self.limit = hosts, limit_seconds
-        self.ok, self.failures, self.releases = 0, [], set()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> "RequestLoop":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        # A new connection per request: the case a reload can break. (A keep-alive connection
-        # the server closes while the client sends on it is HTTP's own race, which clients
-        # resolve by retrying idempotent requests.)
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            for host in self.hosts:
-                try:
-                    response = requests.get(web_url(host, "/"), timeout=10)
-                    response.raise_for_status()
-                    with self.lock:
-                        self.releases.add(response.json()["release"])
-                        self.ok += 1
-                except requests.RequestException as error:
-                    with self.lock:
-                        self.failures.append(f"{host.name}: {error}")
 
 
 def _gunicorn_pid(host) -> str:

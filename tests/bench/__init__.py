@@ -158,6 +158,8 @@ class Cluster:
     id: str = field(default_factory=lambda: f"{LABEL}-{uuid.uuid4().hex[:8]}")
     #: Keep the containers when the interpreter exits (the sandbox); a test bench never does.
     keep: bool = False
+    #: What the reports call it (the topology's name).
+    name: str = "bench"
 
     def __post_init__(self) -> None:
         self.client = docker_client()
@@ -220,6 +222,16 @@ class Cluster:
                 return
             time.sleep(0.5)
         raise AssertionError(f"{host.name} did not boot within {timeout}s: {state}")
+
+    def reboot(self, host: Host, timeout: float = 90) -> None:
+        """Reboot ``host`` as a machine reboots: systemd shuts every unit down in order (Docker
+        kills what is left after ``timeout`` s), then the container boots again. Its address
+        must not change, since the deploy configured the others with it."""
+        address = host.address
+        host.container.restart(timeout=timeout)
+        self._wait_for_boot(host)
+        self._read_address(host)
+        assert host.address == address, f"{host.name} came back on {host.address}, not {address}"
 
     def destroy(self) -> None:
         """Remove every container and the network of this cluster; safe to call twice."""

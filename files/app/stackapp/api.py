@@ -20,9 +20,15 @@ from prometheus_client import multiprocess
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
+from stackapp import executions
 from stackapp.celery_app import app as celery
 from stackapp.release import RELEASE
 from stackapp.tasks import compute
+
+# The API must answer, not wait: a read tries the result database twice more while it
+# restarts, then the API answers 503. (Workers, which must store every result, retry for ever:
+# celery_app.py.) Set before the backend is first used, which is when Celery reads it.
+celery.conf.result_backend_max_retries = 2
 
 app = FastAPI(title="stackapp", version=RELEASE)
 
@@ -57,12 +63,21 @@ def index() -> dict:
     return {"app": "stackapp", "release": RELEASE, "host": socket.gethostname(), "pid": os.getpid()}
 
 
+def unavailable(service: str, error: Exception) -> HTTPException:
+    """503 naming the service and the error at the root of ``error`` (Celery wraps the
+    database's own error in BackendGetMetaError, which says only "failed to get meta")."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return HTTPException(503, f"{service} unavailable: {type(error).__name__}: {reason}")
+
+
 @app.post("/tasks", status_code=202)
 def submit(task: TaskRequest) -> dict:
     try:
         result = compute.apply_async(kwargs=task.model_dump())
     except Exception as error:  # the broker is unreachable after the publish retries
-        raise HTTPException(503, f"broker unavailable: {type(error).__name__}: {error}") from None
+        raise unavailable("broker", error) from None
     TASKS_SUBMITTED.inc()
     return {"id": result.id}
 
@@ -73,11 +88,12 @@ def status(task_id: str) -> dict:
     try:
         state = result.state
         value = result.result if result.ready() else None
+        runs = executions.count(task_id)
     except Exception as error:  # the result database is unreachable
-        raise HTTPException(503, f"result backend unavailable: {type(error).__name__}: {error}") from None
+        raise unavailable("result backend", error) from None
     if isinstance(value, Exception):
         value = f"{type(value).__name__}: {value}"
-    return {"id": task_id, "state": state, "result": value}
+    return {"id": task_id, "state": state, "result": value, "executions": runs}
 
 
 def _check_broker() -> None:

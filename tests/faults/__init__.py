@@ -1,0 +1,1 @@
+"""The fault-injection suite: what survives what (see harness.py)."""

@@ -1,0 +1,261 @@
+"""
+The fault harness: a batch of tasks submitted through the API while a fault is injected, then
+what became of every task (read through the API, checked in PostgreSQL), how many ran twice,
+and how long the stack took to be healthy again.
+
+A task is the stack's responsibility once the API answered 202. Before that, the client's: the
+batch's client retries what the API refuses (503, or no connection while a host reboots) as
+any real client must, and counts the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from bench import Cluster
+from clients import MANAGED_UNITS, RequestLoop, expected_answer, psql_from, web_url
+
+#: Outcomes of the session's faults, in order, for the summary table.
+OUTCOMES: list["Outcome"] = []
+
+#: How long a fault may keep the stack from being healthy, and a batch from finishing.
+RECOVERY_TIMEOUT = 180
+RESULTS_TIMEOUT = 300
+
+
+@dataclass
+class Outcome:
+    """What one fault did to one batch."""
+
+    fault: str
+    submitted: int
+    succeeded: int
+    lost: list[str]
+    executed_twice: int
+    recovery_seconds: float
+    refused: int
+    longest_outage: float
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> str:
+        return (
+            f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.executed_twice} "
+            f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
+        )
+
+
+def table(outcomes: list[Outcome]) -> str:
+    """The outcomes as the Markdown table the README shows under "What survives what"."""
+    header = (
+        "| fault | tasks submitted | succeeded | lost | executed twice | recovery (s) | refused by the API "
+        "(retried) | longest API outage (s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    return "\n".join([header, *(outcome.row() for outcome in outcomes)])
+
+
+class Batch:
+    """``size`` tasks: every ``long_every``-th sleeps ``long_sleep`` s, the others are short.
+    ``submit()`` posts them from a background thread, spreading them over the web hosts."""
+
+    def __init__(self, cluster: Cluster, size: int = 200, long_every: int = 8, long_sleep: float = 4.0):
+        self.cluster = cluster
+        self.specs = [(1000 + 37 * i, long_sleep if i % long_every == 0 else 0.0) for i in range(size)]
+        self.accepted: dict[str, tuple[int, float]] = {}
+        self.lock = threading.Lock()
+        self.refused = 0
+        self.half_submitted = threading.Event()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._submit_all, daemon=True)
+
+    def ids(self, long_only: bool = False) -> set[str]:
+        """The tasks accepted so far (only the long ones, with ``long_only``)."""
+        with self.lock:
+            return {task_id for task_id, (_, sleep) in self.accepted.items() if sleep or not long_only}
+
+    def submit(self) -> "Batch":
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(RECOVERY_TIMEOUT + 60)
+        assert not self.thread.is_alive(), "the batch is still being submitted"
+        assert not self.errors, self.errors
+
+    def _submit_all(self) -> None:
+        webs = self.cluster.by_group("web")
+        for index, (n, sleep) in enumerate(self.specs):
+            try:
+                task_id = self._submit_one(webs[index % len(webs)], n, sleep)
+            except Exception as error:  # reported by join(), on the test's thread
+                self.errors.append(f"task {index} (n={n}) was never accepted: {error}")
+                self.half_submitted.set()
+                return
+            with self.lock:
+                self.accepted[task_id] = (n, sleep)
+            if index + 1 == len(self.specs) // 2:
+                self.half_submitted.set()
+
+    def _submit_one(self, web, n: int, sleep: float) -> str:
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while True:
+            try:
+                response = requests.post(web_url(web, "/tasks"), json={"n": n, "sleep": sleep}, timeout=15)
+                if response.status_code == 202:
+                    return response.json()["id"]
+                if response.status_code != 503:
+                    raise AssertionError(f"POST /tasks answered {response.status_code}: {response.text}")
+                refusal = response.text
+            except requests.RequestException as error:
+                refusal = str(error)
+            self.refused += 1
+            if time.monotonic() > deadline:
+                raise AssertionError(f"refused for {RECOVERY_TIMEOUT}s; last: {refusal}")
+            time.sleep(0.5)
+
+
+def running_executions(cluster: Cluster, task_ids: set[str]) -> list[tuple[str, str, int]]:
+    """``(task id, host, pid)`` of the executions of ``task_ids`` that have started and not
+    finished, as the result store records them."""
+    if not task_ids:
+        return []
+    listed = ",".join(f"'{task_id}'" for task_id in task_ids)
+    rows = psql_from(
+        cluster.one("workers"), cluster,
+        f"SELECT task_id, host, pid FROM stackapp_executions WHERE finished_at IS NULL AND task_id IN ({listed})",
+    )
+    return [(task_id, host, int(pid)) for task_id, host, pid in (line.split("|") for line in rows.splitlines())]
+
+
+def healthy(cluster: Cluster) -> bool:
+    """Every managed unit active on its hosts, every web host's /healthz answering 200, and
+    every worker host consuming the task queue (a worker that is alive but no longer
+    consumes after a broker restart is a known Celery failure: this catches it)."""
+    try:
+        if not cluster.active(MANAGED_UNITS):
+            return False
+        for web in cluster.by_group("web"):
+            if requests.get(web_url(web, "/healthz"), timeout=5).status_code != 200:
+                return False
+        return queue_state(cluster)["consumers"] >= len(cluster.by_group("workers"))
+    except Exception:  # a host rebooting, a service starting
+        return False
+
+
+def queue_state(cluster: Cluster, queue: str = "celery") -> dict:
+    """The task queue as RabbitMQ sees it: consumers, messages ready and unacknowledged."""
+    output = cluster.one("rabbitmq").exec(
+        "rabbitmqctl --quiet list_queues --vhost celery name consumers messages_ready messages_unacknowledged "
+        "--formatter json"
+    )
+    for entry in json.loads(output):
+        if entry["name"] == queue:
+            return entry
+    raise AssertionError(f"no queue {queue} in {output}")
+
+
+def wait_healthy(cluster: Cluster, since: float) -> float:
+    """Seconds from ``since`` until the stack is healthy; fails after RECOVERY_TIMEOUT."""
+    while not healthy(cluster):
+        if time.monotonic() - since > RECOVERY_TIMEOUT:
+            raise AssertionError(f"the stack was not healthy {RECOVERY_TIMEOUT}s after the fault")
+        time.sleep(0.25)
+    return time.monotonic() - since
+
+
+def await_results(batch: Batch) -> dict[str, dict]:
+    """Each accepted task's final answer from the API (state SUCCESS or FAILURE), waiting up
+    to RESULTS_TIMEOUT; the API may answer 503 meanwhile. Tasks still pending at the deadline
+    are missing from the answer, and the queue's state is attached to the failure message."""
+    webs = batch.cluster.by_group("web")
+    pending, final = set(batch.accepted), {}
+    deadline = time.monotonic() + RESULTS_TIMEOUT
+    while pending and time.monotonic() < deadline:
+        for task_id in sorted(pending):
+            try:
+                response = requests.get(web_url(webs[0], f"/tasks/{task_id}"), timeout=10)
+            except requests.RequestException:
+                break
+            if response.status_code != 200:
+                break
+            body = response.json()
+            if body["state"] in ("SUCCESS", "FAILURE"):
+                final[task_id] = body
+                pending.discard(task_id)
+        if pending:
+            time.sleep(1)
+    return final
+
+
+def stored_states(cluster: Cluster, task_ids) -> dict[str, str]:
+    """Task id → status in PostgreSQL's celery_taskmeta, read with psql."""
+    listed = ",".join(f"'{task_id}'" for task_id in task_ids)
+    rows = psql_from(cluster.one("workers"), cluster, f"SELECT task_id, status FROM celery_taskmeta WHERE task_id IN ({listed})")
+    return dict(line.split("|") for line in rows.splitlines())
+
+
+def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
+    """Task id → how many times it started running, from the executions table."""
+    listed = ",".join(f"'{task_id}'" for task_id in task_ids)
+    rows = psql_from(
+        cluster.one("workers"), cluster,
+        f"SELECT task_id, count(*) FROM stackapp_executions WHERE task_id IN ({listed}) GROUP BY task_id",
+    )
+    return {task_id: int(count) for task_id, count in (line.split("|") for line in rows.splitlines())}
+
+
+def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
+    """Submit a batch, call ``inject()`` once half of it is accepted (and its first long tasks
+    run), measure the recovery, wait for every task, and account for each. The outcome is
+    recorded for the summary table whatever it is; the caller asserts on it."""
+    assert wait_healthy(cluster, time.monotonic()) < RECOVERY_TIMEOUT  # start from a steady stack
+    batch = Batch(cluster, **batch_options)
+    with RequestLoop(cluster.by_group("web")) as loop:
+        batch.submit()
+        batch.half_submitted.wait(RECOVERY_TIMEOUT)
+        _wait_for_a_long_task(batch)
+        injected = time.monotonic()
+        notes = inject(batch) or []
+        recovery = wait_healthy(cluster, injected)
+        batch.join()
+    final = await_results(batch)
+    ids = list(batch.accepted)
+    stored = stored_states(cluster, ids)
+    counts = execution_counts(cluster, ids)
+    succeeded = [
+        task_id for task_id in ids
+        if final.get(task_id, {}).get("state") == "SUCCESS"
+        and final[task_id]["result"]["answer"] == expected_answer(batch.accepted[task_id][0])
+        and stored.get(task_id) == "SUCCESS"
+    ]
+    outcome = Outcome(
+        fault=fault,
+        submitted=len(ids),
+        succeeded=len(succeeded),
+        lost=sorted(set(ids) - set(succeeded)),
+        executed_twice=sum(1 for count in counts.values() if count > 1),
+        recovery_seconds=recovery,
+        refused=batch.refused,
+        longest_outage=loop.longest_gap(),
+        notes=list(notes),
+    )
+    if outcome.lost:
+        outcome.notes.append(f"queue after the deadline: {queue_state(cluster)}")
+        outcome.notes += [f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]]
+    never_ran = [task_id for task_id in succeeded if counts.get(task_id, 0) == 0]
+    assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
+    OUTCOMES.append(outcome)
+    print("\n" + "\n".join([outcome.row(), *outcome.notes]))
+    return outcome
+
+
+def _wait_for_a_long_task(batch: Batch, timeout: float = 30) -> None:
+    """Until a long task of the batch is running, so the fault lands mid-task."""
+    deadline = time.monotonic() + timeout
+    while not running_executions(batch.cluster, batch.ids(long_only=True)):
+        assert time.monotonic() < deadline, f"no long task started within {timeout}s"
+        time.sleep(0.2)
