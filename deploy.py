@@ -2,7 +2,8 @@
 The whole stack: ``pyinfra inventory.py deploy.py``.
 
 Each host gets the base system with every package its roles need (one apt transaction), then
-the services of the inventory groups it is in, data services before the application. Settings,
+the services of the inventory groups it is in, data services before the application, then the
+exporters and, on the monitoring host, Prometheus, Alertmanager and Grafana. Settings,
 secrets and the topology are checked first, for the whole inventory at once: bad input stops
 the run before any operation runs.
 """
@@ -10,7 +11,7 @@ the run before any operation runs.
 from pyinfra import host, inventory
 
 import settings
-from tasks import app, base, postgresql, rabbitmq, redis
+from tasks import app, base, grafana, monitoring, postgresql, rabbitmq, redis
 
 secrets = settings.validate(inventory)
 
@@ -28,9 +29,14 @@ runs_app = any(group in host.groups for group in settings.APP_GROUPS)
 packages = {package for service in services for package in SERVICES[service][0]()}
 if runs_app:
     packages.update(APP_PACKAGES)
+packages.update(monitoring.packages(host.groups))
 
 base.base_system(packages=sorted(packages))
 for service in services:
     SERVICES[service][1](secrets)
 if runs_app:
     app.application(secrets)
+monitoring.exporters(secrets)
+if "monitoring" in host.groups:
+    monitoring.monitoring_server(secrets)
+    grafana.grafana_server(secrets)

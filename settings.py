@@ -125,6 +125,20 @@ def _queue_list(value: str) -> str | None:
     return 'must be comma-separated queue names, e.g. "celery,emails"'
 
 
+def _duration(value: str) -> str | None:
+    if re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", value):
+        return None
+    return "must be a Prometheus duration such as 15s, 5m, 4h or 15d"
+
+
+def _email_or_empty(value: str) -> str | None:
+    return None if value == "" or re.fullmatch(r"[^@\s]+@[^@\s]+", value) else "must be empty or an e-mail address"
+
+
+def _host_port_or_empty(value: str) -> str | None:
+    return None if value == "" or re.fullmatch(r"[\w.-]+:\d+", value) else 'must be empty or "host:port"'
+
+
 def _ca_files(paths: list[str]) -> str | None:
     for path in paths:
         error = ca_file_error(path)
@@ -272,6 +286,50 @@ class Settings:
         60.0, "Interval of the heartbeat task beat sends, which shows that beat and a worker are alive.", _positive
     )
 
+    # Monitoring (hosts of the monitoring group; exporters on every host when there is one)
+    prometheus_port: int = setting(9090, "Port of Prometheus (private address of the monitoring host).", _port)
+    prometheus_retention: str = setting("15d", "How long Prometheus keeps samples.", _duration)
+    prometheus_scrape_interval: str = setting("15s", "How often Prometheus scrapes every target.", _duration)
+    prometheus_evaluation_interval: str = setting("15s", "How often Prometheus evaluates the alert rules.", _duration)
+    alert_for: str = setting(
+        "2m", "How long a condition must hold before its alert fires (the rules' `for`).", _duration
+    )
+    alertmanager_port: int = setting(9093, "Port of Alertmanager (private address of the monitoring host).", _port)
+    alertmanager_group_wait: str = setting("30s", "Alertmanager waits this long to group a new alert's first notification.", _duration)
+    alertmanager_group_interval: str = setting("5m", "Alertmanager waits this long before notifying about changes to a group.", _duration)
+    alertmanager_repeat_interval: str = setting("4h", "A still-firing alert is notified again after this long.", _duration)
+    alert_webhook_url: str = setting("", "Generic webhook that receives every alert (JSON, firing and resolved); empty for none.", _url_or_empty)
+    alert_email_to: str = setting("", "Address that receives every alert by e-mail; empty for none.", _email_or_empty)
+    alert_email_from: str = setting("", "Sender address of alert e-mails (needed with alert_email_to).", _email_or_empty)
+    alert_smtp_smarthost: str = setting("", 'SMTP server "host:port" for alert e-mails (needed with alert_email_to).', _host_port_or_empty)
+    alert_smtp_username: str = setting("", "SMTP user for alert e-mails; the password is STACK_ALERT_SMTP_PASSWORD.")
+    alert_slack_channel: str = setting(
+        "", "Channel of the Slack-compatible webhook in STACK_ALERT_SLACK_WEBHOOK_URL (empty: the webhook's default)."
+    )
+    alert_watchdog_url: str = setting(
+        "", "Dead man's switch: receives the always-firing Watchdog alert, so its silence means alerting is down; empty for none.", _url_or_empty
+    )
+    node_exporter_port: int = setting(9100, "Port of node_exporter on every host (private address).", _port)
+    redis_exporter_port: int = setting(9121, "Port of redis_exporter on the Redis host (private address).", _port)
+    postgres_exporter_port: int = setting(9187, "Port of postgres_exporter on the PostgreSQL host (private address).", _port)
+    flower_port: int = setting(5555, "Port of Flower (Celery's monitor and metrics) on the beat host (private address).", _port)
+    queue_backlog_threshold: int = setting(
+        100, "Tasks waiting in a queue above which a still-growing backlog alerts.", _positive
+    )
+    grafana: str = setting(
+        "apt",
+        'How Grafana is installed on the monitoring host: "apt" (grafana_apt_repository), "deb" (grafana_deb), or "none".',
+        _one_of("apt", "deb", "none"),
+    )
+    grafana_port: int = setting(3000, "Port of Grafana (private address of the monitoring host).", _port)
+    grafana_apt_repository: str = setting(
+        "https://apt.grafana.com", "Grafana's APT repository (or a mirror of it); suite stable, component main.", _url_or_empty
+    )
+    grafana_apt_key_url: str = setting(
+        "https://apt.grafana.com/gpg.key", "Signing key of that repository (ASCII-armoured).", _url_or_empty
+    )
+    grafana_deb: str = setting("", "Local path of a grafana .deb to install when grafana is \"deb\".")
+
     @property
     def app_home(self) -> str:
         """Directory of the application on hosts."""
@@ -310,6 +368,21 @@ class Settings:
                 f"app_requirements {self.app_requirements!r} is not a file in app_source ({source}); "
                 "point it at the application's pinned requirements file"
             )
+        if self.alert_email_to and not (self.alert_email_from and self.alert_smtp_smarthost):
+            problems.append(
+                "alert_email_to is set but alert_email_from or alert_smtp_smarthost is empty; "
+                "set both, or clear alert_email_to"
+            )
+        if self.grafana == "apt" and not (self.grafana_apt_repository and self.grafana_apt_key_url):
+            problems.append(
+                'grafana is "apt" but grafana_apt_repository or grafana_apt_key_url is empty; set both '
+                '(e.g. to a mirror), or set grafana to "deb" or "none"'
+            )
+        if self.grafana == "deb" and not Path(self.grafana_deb).expanduser().is_file():
+            problems.append(
+                f"grafana is \"deb\" but grafana_deb ({self.grafana_deb!r}) is not a file on this machine; "
+                "point grafana_deb at a grafana .deb, or set grafana to \"apt\" or \"none\""
+            )
         if self.redis_broker_db == self.redis_result_db:
             problems.append(
                 f"redis_broker_db and redis_result_db are both {self.redis_broker_db}; give each use its own database"
@@ -330,12 +403,41 @@ WEAK_SECRETS = {"guest", "password", "changeme", "secret", "admin", "celery", "r
 
 @dataclass(frozen=True)
 class Secrets:
-    """Passwords, read from the environment or the untracked secrets file (environment wins)."""
+    """Passwords, read from the environment or the untracked secrets file (environment wins).
 
-    redis_password: str = field(metadata={"env": "STACK_REDIS_PASSWORD", "help": "Redis requirepass."})
-    rabbitmq_password: str = field(metadata={"env": "STACK_RABBITMQ_PASSWORD", "help": "Password of the RabbitMQ user."})
+    ``when`` says when a secret is required: always, with Grafana (a monitoring host whose
+    ``grafana`` is not "none"), or never (an optional credential of an external service)."""
+
+    redis_password: str = field(metadata={"env": "STACK_REDIS_PASSWORD", "help": "Redis requirepass.", "when": "always"})
+    rabbitmq_password: str = field(
+        metadata={"env": "STACK_RABBITMQ_PASSWORD", "help": "Password of the RabbitMQ user.", "when": "always"}
+    )
     postgresql_password: str = field(
-        metadata={"env": "STACK_POSTGRESQL_PASSWORD", "help": "Password of the PostgreSQL role (stored as SCRAM-SHA-256)."}
+        metadata={
+            "env": "STACK_POSTGRESQL_PASSWORD",
+            "help": "Password of the PostgreSQL role (stored as SCRAM-SHA-256).",
+            "when": "always",
+        }
+    )
+    grafana_admin_password: str = field(
+        default="",
+        metadata={
+            "env": "STACK_GRAFANA_ADMIN_PASSWORD",
+            "help": "Password of Grafana's admin user; required with Grafana (its default is refused).",
+            "when": "grafana",
+        },
+    )
+    alert_smtp_password: str = field(
+        default="",
+        metadata={"env": "STACK_ALERT_SMTP_PASSWORD", "help": "Password of alert_smtp_username (optional).", "when": "never"},
+    )
+    alert_slack_webhook_url: str = field(
+        default="",
+        metadata={
+            "env": "STACK_ALERT_SLACK_WEBHOOK_URL",
+            "help": "Slack-compatible incoming webhook URL that receives every alert (optional).",
+            "when": "never",
+        },
     )
 
 
@@ -373,16 +475,20 @@ def secret_problem(value: str) -> str | None:
     return None
 
 
-def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
-    """Read and check every secret; one error lists all that are wrong and how to set them."""
+def load_secrets(environ: dict[str, str] | None = None, grafana: bool = False) -> Secrets:
+    """Read and check every secret (those of Grafana only if ``grafana``); one error lists all
+    that are wrong and how to set them."""
     environ = os.environ if environ is None else environ
     path = secrets_file()
     from_file = _read_env_file(path)
     values, problems = {}, []
     for item in fields(Secrets):
-        variable = item.metadata["env"]
+        variable, when = item.metadata["env"], item.metadata["when"]
         value = environ.get(variable) or from_file.get(variable, "")
-        problem = secret_problem(value)
+        if when == "always" or (when == "grafana" and grafana):
+            problem = secret_problem(value)
+        else:
+            problem = _url_or_empty(value) if variable.endswith("_URL") else None
         if problem:
             problems.append(f"{variable} {problem}")
         values[item.name] = value
@@ -495,7 +601,7 @@ def _topology_problems(inventory: Any) -> list[str]:
             "set them once, in group_data/all.py"
         )
     needed = {group: setting for config in app_hosts for group, setting in config.servers_needed.items()}
-    for group in ("redis", "rabbitmq", "postgres"):
+    for group in ("redis", "rabbitmq", "postgres", "monitoring"):
         servers = inventory.get_group(group, [])
         if len(servers) > 1:
             problems.append(
@@ -529,11 +635,18 @@ def validate(inventory: Any) -> Secrets:
         for problem, names in hosts_with.items()
     ]
     problems += _topology_problems(inventory)
+    monitors = [resolve(h.data.dict())[0] for h in inventory.get_group("monitoring", [])]
     try:
-        secrets = load_secrets()
+        secrets = load_secrets(grafana=any(config.grafana != "none" for config in monitors))
     except SettingsError as error:
         problems.append(str(error))
         secrets = None
+    for config in monitors:
+        if not (config.alert_webhook_url or config.alert_email_to or (secrets and secrets.alert_slack_webhook_url)):
+            problems.append(
+                "the monitoring host would alert nobody: set alert_webhook_url or alert_email_to, "
+                "or STACK_ALERT_SLACK_WEBHOOK_URL in the environment or the secrets file"
+            )
     if problems:
         raise SettingsError("invalid configuration, nothing was changed:\n  - " + "\n  - ".join(problems))
     return secrets

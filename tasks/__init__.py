@@ -32,9 +32,18 @@ _jinja = Environment(
 )
 
 
-def render(template: str, **context: Any) -> StringIO:
-    """Render ``templates/<template>`` with ``context``; a missing variable is an error."""
-    return StringIO(_jinja.get_template(template).render(**context))
+#: For templates whose output is itself a template language using {{ }} (Prometheus' alert
+#: rules): Jinja's markers become [[ ]] and [% %] there.
+_jinja_brackets = _jinja.overlay(
+    variable_start_string="[[", variable_end_string="]]", block_start_string="[%", block_end_string="%]"
+)
+
+
+def render(template: str, brackets: bool = False, **context: Any) -> StringIO:
+    """Render ``templates/<template>`` with ``context`` (with [[ ]] markers if ``brackets``);
+    a missing variable is an error."""
+    environment = _jinja_brackets if brackets else _jinja
+    return StringIO(environment.get_template(template).render(**context))
 
 
 def shipped_file(name: str) -> str:

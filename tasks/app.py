@@ -1,7 +1,8 @@
 """
 The application tier: the code in a venv, run as a dedicated system user by systemd units we
 own: Gunicorn with Uvicorn workers (socket-activated) on web hosts, the Celery worker on worker
-hosts, Celery beat on the one beat host.
+hosts, Celery beat on the one beat host, and Flower (Celery's monitor, whose /metrics Prometheus
+scrapes) beside beat when the inventory has a monitoring host.
 
 A re-deploy restarts or reloads only what a change concerns:
 
@@ -13,7 +14,7 @@ A re-deploy restarts or reloads only what a change concerns:
 | the deploy's Gunicorn worker class      | restart        | -       | -       |
 | the unit itself                         | restart        | restart | restart |
 
-and nothing when nothing changed. A host that no longer has a role has that role's units
+(Flower restarts like beat, and when its own pinned requirements changed) and nothing when nothing changed. A host that no longer has a role has that role's units
 stopped, disabled and removed (so a moved beat never runs twice).
 """
 
@@ -31,7 +32,7 @@ from pyinfra.operations import files, pip, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import PROJECT_DIR, address, render, server_of, shipped_file
+from tasks import FILES_DIR, PROJECT_DIR, address, group_hosts, render, server_of, shipped_file
 
 PACKAGES = ["python3-venv"]
 UNIT_DIR = "/etc/systemd/system"
@@ -73,11 +74,16 @@ def units(app: str) -> dict[str, tuple[str, str]]:
         "web": (f"{app}-gunicorn.service", "app/gunicorn.service.j2"),
         "workers": (f"{app}-worker.service", "app/worker.service.j2"),
         "beat": (f"{app}-beat.service", "app/beat.service.j2"),
+        "flower": (f"{app}-flower.service", "app/flower.service.j2"),
     }
 
 
-def _group_of(role: str) -> str:
-    return "web" if role == "web-socket" else role
+def _runs(role: str) -> bool:
+    """Whether this host runs ``role``'s unit: Flower, Celery's monitor whose /metrics
+    Prometheus scrapes, runs beside beat (one host) when there is a monitoring host."""
+    if role == "flower":
+        return "beat" in host.groups and bool(group_hosts("monitoring"))
+    return ("web" if role == "web-socket" else role) in host.groups
 
 
 def _unchanged(*operations: OperationMeta):
@@ -105,6 +111,9 @@ def application(secrets: settings.Secrets) -> None:
 
     code = _code(config)
     requirements = _venv(config)
+    flower = None
+    if _runs("flower"):
+        flower = venv_with_requirements(config, f"{home}/flower", FILES_DIR / "monitoring" / "flower-requirements.txt", "Flower")
     environment = files.put(
         name="Write the environment file (broker and result URLs, with credentials)",
         src=render(
@@ -137,7 +146,7 @@ def application(secrets: settings.Secrets) -> None:
         group=app,
         mode="0644",
     )
-    _units(config, code, requirements, environment, gunicorn_config, gunicorn_worker)
+    _units(config, code, requirements, environment, gunicorn_config, gunicorn_worker, flower)
 
 
 def _code(config: settings.Settings) -> OperationMeta:
@@ -158,20 +167,23 @@ def _code(config: settings.Settings) -> OperationMeta:
 
 
 def _venv(config: settings.Settings) -> OperationMeta | None:
-    """Create the venv and install the pinned requirements, only when they (or pip's own
-    configuration) changed since the last successful install: pip's own `pip install -r` runs
-    on every deploy, so a stamp of what was installed decides, written after success only."""
-    home = config.app_home
-    venv = f"{home}/venv"
-    requirements_file = (PROJECT_DIR / Path(config.app_source).expanduser() / config.app_requirements).resolve()
-    pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url)
+    """The application's venv with its pinned requirements."""
+    requirements = (PROJECT_DIR / Path(config.app_source).expanduser() / config.app_requirements).resolve()
+    return venv_with_requirements(config, f"{config.app_home}/venv", requirements, "the application")
 
-    pip.venv(name=f"Create the venv {venv}", path=venv, python="python3")
-    files.put(name="Configure the venv's pip (CA bundle, index)", src=pip_conf, dest=f"{venv}/pip.conf", mode="0644")
+
+def venv_with_requirements(config: settings.Settings, venv: str, requirements_file: Path, what: str) -> OperationMeta | None:
+    """Create ``venv`` and install ``requirements_file`` (pinned) into it, only when they (or
+    pip's own configuration) changed since the last successful install: pip's own
+    `pip install -r` runs on every deploy, so a stamp of what was installed decides, written
+    after success only. The install operation, or None when there is nothing to install."""
+    pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url)
+    pip.venv(name=f"Create the venv {venv} of {what}", path=venv, python="python3")
+    files.put(name=f"Configure the pip of {what} (CA bundle, index)", src=pip_conf, dest=f"{venv}/pip.conf", mode="0644")
     files.put(
-        name="Upload the pinned requirements",
+        name=f"Upload the pinned requirements of {what}",
         src=str(requirements_file),
-        dest=f"{home}/requirements.txt",
+        dest=f"{venv}/requirements.txt",
         mode="0644",
     )
     stamp_file = f"{venv}/.installed-requirements.sha256"
@@ -179,15 +191,15 @@ def _venv(config: settings.Settings) -> OperationMeta | None:
     if (host.get_fact(FileContents, path=stamp_file) or [""])[0] == wanted:
         return None
     return server.shell(
-        name="Install the pinned requirements into the venv",
+        name=f"Install the pinned requirements of {what} into its venv",
         commands=[
-            f"{venv}/bin/pip install --quiet --requirement {home}/requirements.txt",
+            f"{venv}/bin/pip install --quiet --requirement {venv}/requirements.txt",
             f"echo {wanted} > {stamp_file}",
         ],
     )
 
 
-def _units(config, code, requirements, environment, gunicorn_config, gunicorn_worker) -> None:
+def _units(config, code, requirements, environment, gunicorn_config, gunicorn_worker, flower) -> None:
     """Write the units of this host's roles, remove those of roles it no longer has, then
     start, restart or reload each as its table in the module docstring says."""
     app, home = config.app_name, config.app_home
@@ -202,13 +214,14 @@ def _units(config, code, requirements, environment, gunicorn_config, gunicorn_wo
         queues=config.celery_queues,
         loglevel=config.celery_loglevel,
         stop_timeout=config.worker_stop_timeout,
+        flower_port=config.flower_port,
     )
     everyone = [op for op in (code, requirements, environment) if op is not None]
     restart_all = [op for op in (requirements, environment) if op is not None]
 
     written: dict[str, OperationMeta] = {}
     for role, (unit, template) in units(app).items():
-        if _group_of(role) in host.groups:
+        if _runs(role):
             written[role] = files.put(
                 name=f"Write the unit {unit}",
                 src=render(template, **context),
@@ -222,15 +235,15 @@ def _units(config, code, requirements, environment, gunicorn_config, gunicorn_wo
         return
     systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
 
-    for role in ("workers", "beat"):
-        if role in host.groups:
+    for role in ("workers", "beat", "flower"):
+        if _runs(role):
             unit = units(app)[role][0]
             systemd.service(name=f"Keep {unit} enabled and running", service=unit, running=True, enabled=True)
             systemd.service(
                 name=f"Restart {unit} for the changed code, requirements, environment or unit",
                 service=unit,
                 restarted=True,
-                _if=any_changed(*everyone, written[role]),
+                _if=any_changed(*everyone, written[role], *([flower] if role == "flower" and flower else [])),
             )
 
     if "web" in host.groups:

@@ -176,3 +176,21 @@ class RequestLoop:
                     with self.lock:
                         self.failures.append(f"{host.name}: {error}")
                     self.stop.wait(0.1)  # a host that is down refuses at once: do not spin
+
+
+PROMETHEUS_PORT = 9090
+#: Figures the tests measured, printed at the end of the session (conftest).
+REPORT: list[str] = []
+
+
+def prometheus_api(cluster: Cluster, path: str, **params) -> dict:
+    """GET Prometheus' HTTP API on the monitoring host; the ``data`` of its answer."""
+    url = f"http://{cluster.one('monitoring').address}:{PROMETHEUS_PORT}/api/v1/{path}"
+    body = requests.get(url, params=params, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def query(cluster: Cluster, expression: str) -> list[dict]:
+    """The instant vector of a PromQL expression: ``[{"metric": {...}, "value": [t, "v"]}]``."""
+    return prometheus_api(cluster, "query", query=expression)["result"]

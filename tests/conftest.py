@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import Cluster, ensure_base_image, host_ca_certificates  # noqa: E402
+from bench.receiver import AlertReceiver  # noqa: E402
 
 #: Topologies: host name → inventory groups. Same code, one host or several.
 TOPOLOGIES = {
-    "all-in-one": {"aio": ["redis", "rabbitmq", "postgres", "web", "workers", "beat"]},
-    "split": {"data": ["redis", "rabbitmq", "postgres"], "app": ["web", "workers", "beat"]},
+    "all-in-one": {"aio": ["redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring"]},
+    "split": {"data": ["redis", "rabbitmq", "postgres", "monitoring"], "app": ["web", "workers", "beat"]},
 }
 
 
@@ -35,8 +36,18 @@ def base_image() -> str:
 
 def bench_settings(**overrides: str) -> dict[str, str]:
     """Settings the bench passes with --data, as a user would on the command line."""
-    # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
-    data = {"beat_heartbeat_seconds": "5"}
+    data = {
+        # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
+        "beat_heartbeat_seconds": "5",
+        # Alerts within seconds rather than minutes, so the alert tests wait little.
+        "prometheus_scrape_interval": "5s",
+        "prometheus_evaluation_interval": "5s",
+        "alert_for": "10s",
+        "alertmanager_group_wait": "5s",
+        "alertmanager_group_interval": "10s",
+        # Grafana's package cannot be obtained on our machines (see tests/test_monitoring.py).
+        "grafana": "none",
+    }
     certificates = host_ca_certificates()
     if certificates:
         data["extra_ca_certificates"] = ",".join(certificates)
@@ -57,6 +68,10 @@ def converge(base_image, tmp_path_factory):
         cluster.name = name
         try:
             cluster.create()
+            if any("monitoring" in groups for groups in topology.values()):
+                # Alertmanager's webhook: this process, on the cluster network's gateway.
+                cluster.receiver = AlertReceiver(cluster.gateway)
+                cluster.data["alert_webhook_url"] = cluster.receiver.url
             fresh = cluster.deploy()
             if fresh.returncode == 0 and idempotence:
                 cluster.deploy()
@@ -67,6 +82,8 @@ def converge(base_image, tmp_path_factory):
             yield cluster
         finally:
             cluster.destroy()
+            if cluster.receiver:
+                cluster.receiver.close()
 
     return converged
 
@@ -87,7 +104,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("deploy timings")
         for line in TIMINGS:
             terminalreporter.write_line(line)
+    from clients import REPORT
     from faults.harness import OUTCOMES, table
+
+    if REPORT:
+        terminalreporter.section("measured")
+        for line in REPORT:
+            terminalreporter.write_line(line)
 
     if OUTCOMES:
         terminalreporter.section("what survives what (tests/faults)")

@@ -1,8 +1,8 @@
 """
 Secret rotation, last of the bench tests since it changes the shared topology's passwords:
 changing the PostgreSQL and RabbitMQ passwords and re-deploying sets them (as hashes), rewrites
-the application's environment file and restarts exactly the units that read it (and nothing
-else); tasks still
+the application's environment file and restarts exactly the units that read it, Flower among them
+(and nothing else); tasks still
 travel end to end, the old passwords are refused, and the run after that changes nothing.
 """
 
@@ -42,10 +42,14 @@ def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
                 "Restart stackapp-gunicorn.service for changed requirements, environment, units or worker class",
             )
         }
+    for host in deployed.by_group("beat"):  # Flower, beside beat, reads the broker URL too
+        expected.add(
+            f"Application | Restart stackapp-flower.service for the changed code, requirements, environment or unit @ {host.address}"
+        )
     # The broker's new password ends the connections of the old one, so a worker or beat can
     # exit and be awaiting systemd's restart when the deploy reaches it: the deploy then
     # starts it ("Keep ... running") just before restarting it. The same units, either way.
-    restarted_units = {"stackapp-worker.service", "stackapp-beat.service", "stackapp-gunicorn.service"}
+    restarted_units = {"stackapp-worker.service", "stackapp-beat.service", "stackapp-gunicorn.service", "stackapp-flower.service"}
     started_early = {
         change for change in rotate.changed
         if any(change.startswith(f"Application | Keep {unit} enabled and running @ ") for unit in restarted_units)

@@ -42,7 +42,7 @@ def all_in_one(**data) -> FakeInventory:
 @pytest.fixture(autouse=True)
 def no_secrets_file(monkeypatch, tmp_path):
     monkeypatch.setenv(settings.SECRETS_FILE_VARIABLE, str(tmp_path / "absent.env"))
-    for variable in GOOD_SECRETS:
+    for variable in [*GOOD_SECRETS, "STACK_GRAFANA_ADMIN_PASSWORD", "STACK_ALERT_SLACK_WEBHOOK_URL", "STACK_ALERT_SMTP_PASSWORD"]:
         monkeypatch.delenv(variable, raising=False)
     settings.validate.cache_clear()
 
@@ -167,3 +167,42 @@ def test_topology_needs_exactly_one_beat(beat_hosts):
 def test_readme_shows_the_settings_table():
     readme = (Path(settings.PROJECT_DIR) / "README.md").read_text()
     assert settings.markdown_table() in readme, "README.md's settings table is stale: paste `python settings.py`"
+
+
+def monitored(**data) -> FakeInventory:
+    """All-in-one plus a monitoring host, with Grafana unless ``grafana`` says otherwise."""
+    return FakeInventory(all_in_one() + [FakeHost("10.0.0.9", ["monitoring"], **data)])
+
+
+@pytest.mark.parametrize(
+    "data, environment, expected",
+    [
+        ({"alert_webhook_url": "http://hooks.example/x"}, {}, "STACK_GRAFANA_ADMIN_PASSWORD is missing or empty"),
+        ({"alert_webhook_url": "http://hooks.example/x"}, {"STACK_GRAFANA_ADMIN_PASSWORD": "admin"},
+         "STACK_GRAFANA_ADMIN_PASSWORD is a default or placeholder value"),
+        ({"grafana": "none"}, {}, "the monitoring host would alert nobody: set alert_webhook_url or alert_email_to"),
+        ({"grafana": "none", "alert_email_to": "ops@example.com"}, {},
+         "alert_email_to is set but alert_email_from or alert_smtp_smarthost is empty"),
+        ({"grafana": "none", "alert_webhook_url": "hooks.example"}, {}, "alert_webhook_url must be empty or an http(s) URL"),
+        ({"grafana": "none", "alert_webhook_url": "http://h/x", "alert_for": "2 minutes"}, {},
+         "alert_for must be a Prometheus duration such as 15s"),
+        ({"grafana": "deb", "alert_webhook_url": "http://h/x", "grafana_deb": "/nonexistent/grafana.deb"},
+         {"STACK_GRAFANA_ADMIN_PASSWORD": "g0123456789abcdefg"}, "grafana_deb ('/nonexistent/grafana.deb') is not a file"),
+        ({"grafana": "none", "alert_webhook_url": "http://h/x"}, {"STACK_ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/x"},
+         "STACK_ALERT_SLACK_WEBHOOK_URL must be empty or an http(s) URL"),
+    ],
+)
+def test_bad_monitoring_input_is_named_with_its_fix(data, environment, expected):
+    with pytest.raises(settings.SettingsError) as error:
+        validate(monitored(**data), **GOOD_SECRETS, **environment)
+    assert expected in str(error.value)
+
+
+def test_monitoring_is_optional_and_grafana_secret_only_needed_with_grafana():
+    validate(all_in_one(), **GOOD_SECRETS)  # no monitoring host: no receiver, no Grafana password
+    settings.validate.cache_clear()
+    validate(monitored(grafana="none"), **GOOD_SECRETS, STACK_ALERT_SLACK_WEBHOOK_URL="https://hooks.example/T0")
+    settings.validate.cache_clear()
+    two = FakeInventory(monitored(grafana="none", alert_webhook_url="http://h/x") + [FakeHost("10.0.0.10", ["monitoring"])])
+    with pytest.raises(settings.SettingsError, match="group monitoring has 2 hosts"):
+        validate(two, **GOOD_SECRETS)

@@ -160,6 +160,8 @@ class Cluster:
     keep: bool = False
     #: What the reports call it (the topology's name).
     name: str = "bench"
+    #: The webhook receiver of its Alertmanager, when it has a monitoring host.
+    receiver: object = None
 
     def __post_init__(self) -> None:
         self.client = docker_client()
@@ -209,6 +211,12 @@ class Cluster:
             self._read_address(self.hosts[name])
         self.write_hosts_file()
         return True
+
+    @property
+    def gateway(self) -> str:
+        """This machine's address on the cluster's network (where the containers reach it)."""
+        network = self.client.networks.get(self.id)
+        return network.attrs["IPAM"]["Config"][0]["Gateway"]
 
     def _read_address(self, host: Host) -> None:
         host.container.reload()

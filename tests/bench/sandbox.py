@@ -24,9 +24,12 @@ from . import PROJECT_DIR, Cluster, ensure_base_image, host_ca_certificates
 SANDBOX_DIR = PROJECT_DIR / ".sandbox"
 SANDBOX_ID = "stackbench-demo"
 TOPOLOGY = {
-    "data": ["redis", "rabbitmq", "postgres"],
+    "data": ["redis", "rabbitmq", "postgres", "monitoring"],
     "app": ["web", "workers", "beat"],
 }
+#: The demo has no one to alert and cannot install Grafana here: alerts are visible in
+#: Alertmanager's page, and notifications go to a port that discards them.
+DEMO_SETTINGS = {"alert_webhook_url": "http://127.0.0.1:9/the-demo-has-no-receiver", "grafana": "none"}
 SECRET_VARIABLES = ("STACK_REDIS_PASSWORD", "STACK_RABBITMQ_PASSWORD", "STACK_POSTGRESQL_PASSWORD")
 
 
@@ -55,6 +58,8 @@ def up() -> None:
         cluster.create()
 
     command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "inventory.py", "deploy.py"]
+    for key, value in DEMO_SETTINGS.items():
+        command += ["--data", f"{key}={value}"]
     certificates = host_ca_certificates()
     if certificates:
         command += ["--data", "extra_ca_certificates=" + ",".join(certificates)]
@@ -87,6 +92,10 @@ demo: up in {time.monotonic() - started:.0f}s. Where to look (secrets in {_secre
   RabbitMQ    amqp://celery@{data.address}:5672/celery
   RabbitMQ    http://{data.address}:15692/metrics  (Prometheus endpoint)
   PostgreSQL  postgresql://celeryuser@{data.address}:5432/celerydb
+  Prometheus  http://{data.address}:9090/alerts  (targets: /targets)
+  Alerts      http://{data.address}:9093  (Alertmanager; set alert_webhook_url, alert_email_to or
+              STACK_ALERT_SLACK_WEBHOOK_URL to be told; Grafana is off: its package is unobtainable here)
+  Celery      http://{app.address}:5555  (Flower)
   Shell       docker exec -it {cluster.hosts['app'].container.name} bash   (or {cluster.hosts['data'].container.name})
   Re-deploy   make demo        Remove      make demo-down
 """

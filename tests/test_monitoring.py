@@ -1,0 +1,151 @@
+"""
+Monitoring on both topologies: Prometheus scrapes every exporter the inventory implies, each up;
+the alert rules pass their unit tests where they are installed; every component's metrics
+arrive; a healthy stack fires nothing but the Watchdog; every listener is private and no
+exporter runs as root. On the split topology, alerts really arrive: a webhook receiver in this
+test process gets the firing alert when the Celery worker, then Redis, is stopped, and the
+resolved one when it is started again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench import Cluster
+from clients import APP, MANAGED_UNITS, REPORT, prometheus_api, query, wait_until
+
+pytestmark = pytest.mark.bench
+
+#: Scrape jobs of a topology with every role: Prometheus itself, Alertmanager and the exporters.
+JOBS = {"prometheus", "alertmanager", "node", "redis", "postgres", "rabbitmq", "rabbitmq-queues", "flower", "app"}
+#: Ports of the monitoring stack: none may listen on a wildcard address.
+MONITORING_PORTS = {9090, 9093, 9094, 9100, 9121, 9187, 5555}
+
+
+def targets(cluster: Cluster) -> list[dict]:
+    return prometheus_api(cluster, "targets", state="active")["activeTargets"]
+
+
+def test_prometheus_scrapes_every_exporter_of_the_inventory_and_each_is_up(deployed: Cluster):
+    wait_until(lambda: all(target["health"] == "up" for target in targets(deployed)), timeout=60)
+    found = targets(deployed)
+    assert {target["labels"]["job"] for target in found} == JOBS
+    node_hosts = {target["labels"]["instance"].split(":")[0] for target in found if target["labels"]["job"] == "node"}
+    assert node_hosts == {host.address for host in deployed.hosts.values()}
+
+
+def test_configuration_and_alert_rules_pass_promtool_and_amtool_where_installed(deployed: Cluster):
+    monitor = deployed.one("monitoring")
+    assert "SUCCESS" in monitor.exec("promtool check config /etc/prometheus/prometheus.yml 2>&1")
+    tested = monitor.exec("promtool test rules /etc/prometheus/stack-staged/tests/stack.test.yml 2>&1")
+    assert "SUCCESS" in tested and "FAILED" not in tested, tested
+    # The installed rules are the ones that were tested.
+    assert monitor.exec("cmp /etc/prometheus/rules/stack.yml /etc/prometheus/stack-staged/rules/stack.yml && echo same").strip() == "same"
+    assert "SUCCESS" in monitor.exec("amtool check-config /etc/prometheus/alertmanager.yml 2>&1")
+
+
+def test_metrics_of_every_component_arrive(deployed: Cluster):
+    workers = len(deployed.by_group("workers"))
+    expectations = {
+        "redis_up": 1,
+        "pg_up": 1,
+        'rabbitmq_detailed_queue_consumers{queue="celery"}': workers,
+        "count(flower_worker_online == 1)": workers,
+        'count(node_systemd_unit_state{state="active"} == 1)': None,  # checked unit by unit below
+        "sum(stackapp_http_requests_total) > 0": None,
+    }
+    for expression, expected in expectations.items():
+
+        def arrived(expression=expression, expected=expected):
+            result = query(deployed, expression)
+            return result and (expected is None or float(result[0]["value"][1]) == expected)
+
+        # Earlier tests restart services; their exporters report again within a few scrapes.
+        try:
+            wait_until(arrived, timeout=60)
+        except AssertionError:
+            pytest.fail(f"{expression}: expected {expected}, Prometheus has {query(deployed, expression)}")
+    active = {
+        (sample["metric"]["instance"].split(":")[0], sample["metric"]["name"])
+        for sample in query(deployed, 'node_systemd_unit_state{state="active"} == 1')
+    }
+    for group, units in MANAGED_UNITS.items():
+        for host in deployed.by_group(group):
+            for unit in units:
+                assert (host.address, unit) in active, (host.name, unit)
+
+
+def test_a_healthy_stack_fires_nothing_but_the_watchdog(deployed: Cluster):
+    def firing():
+        return sorted(
+            f"{alert['labels']['alertname']} {alert['labels']}"
+            for alert in prometheus_api(deployed, "alerts")["alerts"]
+            if alert["state"] == "firing" and alert["labels"]["alertname"] != "Watchdog"
+        )
+
+    # Right after the deploy, units restarted by it may still be settling: wait for quiet.
+    wait_until(lambda: firing() == [], timeout=90)
+    names = [alert["labels"]["alertname"] for alert in prometheus_api(deployed, "alerts")["alerts"] if alert["state"] == "firing"]
+    assert names == ["Watchdog"]
+
+
+def test_monitoring_listens_on_private_addresses_only_and_runs_as_non_root(deployed: Cluster):
+    for host in deployed.hosts.values():
+        for line in host.exec("ss -ltnH").splitlines():
+            local = line.split()[3]
+            address, port = local.rsplit(":", 1)
+            if int(port) in MONITORING_PORTS:
+                assert address == host.address, f"{host.name} listens on {local}"
+        processes = [line.split() for line in host.exec("ps -eo user:32=,comm=").splitlines()]
+        monitoring = [(user, command) for user, command in processes if command.startswith("prometheus")]
+        assert monitoring and {user for user, _ in monitoring} == {"prometheus"}, (host.name, monitoring)
+    flower = deployed.one("beat")
+    pid = flower.exec(f"systemctl show -p MainPID --value {APP}-flower.service").strip()
+    assert flower.exec(f"ps -o user= -p {pid}").strip() == APP
+
+
+def test_postgres_exporter_role_reads_statistics_and_no_data(deployed: Cluster):
+    database = deployed.one("postgres")
+    sql = "SELECT rolsuper, pg_has_role('prometheus', 'pg_monitor', 'member') FROM pg_roles WHERE rolname = 'prometheus'"
+    assert database.exec(f'psql -tAc "{sql}"', user="postgres").strip() == "f|t"
+    denied = database.exec("psql -d celerydb -tAc 'SELECT count(*) FROM celery_taskmeta' 2>&1 || true", user="prometheus")
+    assert "permission denied" in denied, denied
+
+
+@pytest.mark.parametrize("deployed", ["split"], indirect=True)
+@pytest.mark.parametrize(
+    "group, unit, alerts",
+    [
+        ("workers", f"{APP}-worker.service", {"CeleryWorkersMissing", "UnitNotActive"}),
+        ("redis", "redis-server.service", {"RedisDown", "UnitNotActive"}),
+    ],
+    ids=["celery worker", "redis"],
+)
+def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(deployed: Cluster, group, unit, alerts):
+    """The receiver is this test process (on the bench network's gateway), as an operator's
+    webhook would be. Short intervals come from the bench's settings (conftest.bench_settings)."""
+    receiver, host = deployed.receiver, deployed.one(group)
+    wait_until(lambda: query(deployed, f'node_systemd_unit_state{{name="{unit}", state="active"}} == 1'), timeout=60)
+
+    def about_the_unit(since: float, status: str):
+        return [
+            (at, alert) for at, alert in receiver.alerts(since)
+            if alert["labels"]["alertname"] in alerts and alert["status"] == status
+            and alert["labels"].get("name", unit) == unit
+        ]
+
+    stopped = time.monotonic()
+    host.exec(f"systemctl stop {unit}")
+    try:
+        fired = wait_until(lambda: about_the_unit(stopped, "firing"), timeout=120, interval=0.5)
+    finally:
+        started = time.monotonic()
+        host.exec(f"systemctl start {unit}")
+    resolved = wait_until(lambda: about_the_unit(started, "resolved"), timeout=120, interval=0.5)
+    REPORT.append(
+        f"{unit}: firing alert {fired[0][1]['labels']['alertname']} received {fired[0][0] - stopped:.1f}s after the "
+        f"stop; resolved {resolved[0][0] - started:.1f}s after the start"
+    )
+    assert fired[0][0] - stopped < 90, "the alert came later than scrape + evaluation + for + group_wait allow"
