@@ -14,8 +14,9 @@ A re-deploy restarts or reloads only what a change concerns:
 | the deploy's Gunicorn worker class      | restart        | -       | -       |
 | the unit itself                         | restart        | restart | restart |
 
-(Flower restarts like beat, and when its own pinned requirements changed) and nothing when nothing changed. A host that no longer has a role has that role's units
-stopped, disabled and removed (so a moved beat never runs twice).
+Flower restarts like beat, and when its own pinned requirements changed; nothing restarts when
+nothing changed. A host that no longer has a role has that role's units stopped, disabled and
+removed (so a moved beat never runs twice).
 """
 
 from __future__ import annotations

@@ -216,7 +216,9 @@ def _sha256(content: StringIO) -> str:
     return hashlib.sha256(content.getvalue().encode()).hexdigest()
 
 
-def _checked_install(label: str, staged: dict[str, StringIO], live: dict[str, str], checks: list[str], mode: str) -> OperationMeta | None:
+def _checked_install(
+    label: str, staged: dict[str, StringIO], live: dict[str, str], checks: list[str], mode: str
+) -> OperationMeta | None:
     """Upload ``staged`` (path → content) to the staging directory; when a live file differs
     from its staged content, run ``checks``, then install the staged files over the live ones.
     The install operation, or None if every live file is already right."""
@@ -266,7 +268,10 @@ def monitoring_server(secrets: settings.Secrets) -> None:
             f"{STAGE}/rules/stack.yml": render("monitoring/rules.yml.j2", brackets=True, **context),
             f"{STAGE}/tests/stack.test.yml": render("monitoring/rules.test.yml.j2", brackets=True, **context),
         },
-        live={f"{STAGE}/prometheus.yml": "/etc/prometheus/prometheus.yml", f"{STAGE}/rules/stack.yml": "/etc/prometheus/rules/stack.yml"},
+        live={
+            f"{STAGE}/prometheus.yml": "/etc/prometheus/prometheus.yml",
+            f"{STAGE}/rules/stack.yml": "/etc/prometheus/rules/stack.yml",
+        },
         checks=[
             f"promtool check config {STAGE}/prometheus.yml",
             f"promtool check rules {STAGE}/rules/stack.yml",
