@@ -437,6 +437,7 @@ class Secrets:
             "env": "STACK_ALERT_SLACK_WEBHOOK_URL",
             "help": "Slack-compatible incoming webhook URL that receives every alert (optional).",
             "when": "never",
+            "check": _url_or_empty,
         },
     )
 
@@ -488,7 +489,8 @@ def load_secrets(environ: dict[str, str] | None = None, grafana: bool = False) -
         if when == "always" or (when == "grafana" and grafana):
             problem = secret_problem(value)
         else:
-            problem = _url_or_empty(value) if variable.endswith("_URL") else None
+            check = item.metadata.get("check")
+            problem = check(value) if check else None
         if problem:
             problems.append(f"{variable} {problem}")
         values[item.name] = value

@@ -26,13 +26,14 @@ import re
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FactBase, deploy
+from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FindInFile, Sha256File
 from pyinfra.operations import files, postgresql, server, systemd
 
 import settings
 from tasks import address, group_hosts, packaged_service, render
+from tasks.postgresql import PostgresValue
 
 STAGE = "/etc/prometheus/stack-staged"
 #: The first line of every configuration file the deploy writes.
@@ -114,30 +115,18 @@ def exporters(secrets: settings.Secrets) -> None:
         _postgres_exporter(config)
 
 
-class PostgresRoleIsMember(FactBase):
-    """Whether ``role`` is a member of ``group`` (False if either does not exist)."""
-
-    def requires_command(self, *args, **kwargs) -> str:
-        return "psql"
-
-    def command(self, role: str, group: str, port: int) -> str:
-        return (
-            f"psql -p {int(port)} -tAc \"SELECT pg_has_role('{role}', '{group}', 'member')\" 2>/dev/null || true"
-        )
-
-    def process(self, output: list[str]) -> bool:
-        return bool(output) and output[0].strip() == "t"
-
-
 def _postgres_exporter(config: settings.Settings) -> None:
     """postgres_exporter as its own least-privilege role, over the local socket: Debian's unit
     fails until it has a data source."""
     psql = dict(psql_port=config.postgresql_port, _sudo_user="postgres")
     postgresql.role(name=f"Create role {EXPORTER_ROLE} for postgres_exporter", role=EXPORTER_ROLE, login=True, **psql)
     member = host.get_fact(
-        PostgresRoleIsMember, role=EXPORTER_ROLE, group="pg_monitor", port=config.postgresql_port, _sudo_user="postgres"
+        PostgresValue,
+        sql=f"SELECT pg_has_role('{EXPORTER_ROLE}', 'pg_monitor', 'member')",
+        port=config.postgresql_port,
+        _sudo_user="postgres",
     )
-    if not member:
+    if member != "t":  # not a member, or the role does not exist yet
         postgresql.sql(
             name=f"Let role {EXPORTER_ROLE} read statistics (pg_monitor) and nothing else",
             sql=f"GRANT pg_monitor TO {EXPORTER_ROLE}",

@@ -50,17 +50,15 @@ def packages() -> list[str]:
     return [f"postgresql-{version()}"]
 
 
-class PostgresRoleVerifier(FactBase):
-    """The stored password verifier of a role (``SCRAM-SHA-256$...``), or None."""
+class PostgresValue(FactBase):
+    """The first value of the first row a query returns (run as the postgres user), or None:
+    what the deploy reads of the server to decide whether to change it."""
 
     def requires_command(self, *args, **kwargs) -> str:
         return "psql"
 
-    def command(self, role: str, port: int) -> str:
-        return (
-            f"psql -p {int(port)} -tAc \"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'\" "
-            "2>/dev/null || true"
-        )
+    def command(self, sql: str, port: int) -> str:
+        return f'psql -p {int(port)} -tAc "{sql}" 2>/dev/null || true'
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output and output[0].strip() else None
@@ -136,7 +134,10 @@ def postgresql_server(secrets: settings.Secrets) -> None:
 
     postgresql.role(name=f"Create role {config.postgresql_user}", role=config.postgresql_user, login=True, **psql)
     verifier = host.get_fact(
-        PostgresRoleVerifier, role=config.postgresql_user, port=config.postgresql_port, _sudo_user="postgres"
+        PostgresValue,
+        sql=f"SELECT rolpassword FROM pg_authid WHERE rolname = '{config.postgresql_user}'",
+        port=config.postgresql_port,
+        _sudo_user="postgres",
     )
     if not scram_matches(secrets.postgresql_password, verifier):
         postgresql.sql(

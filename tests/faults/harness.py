@@ -118,17 +118,23 @@ class Batch:
             time.sleep(0.5)
 
 
-def running_executions(cluster: Cluster, task_ids: set[str]) -> list[tuple[str, str, int]]:
-    """``(task id, host, pid)`` of the executions of ``task_ids`` that have started and not
-    finished, as the result store records them."""
+def rows_of_tasks(cluster: Cluster, sql: str, task_ids) -> list[list[str]]:
+    """Rows (as lists of strings) of ``sql``, whose ``{ids}`` is replaced by the quoted
+    ``task_ids``, read with psql from an application host; none for no ids."""
     if not task_ids:
         return []
     listed = ",".join(f"'{task_id}'" for task_id in task_ids)
-    rows = psql_from(
-        cluster.one("workers"), cluster,
-        f"SELECT task_id, host, pid FROM stackapp_executions WHERE finished_at IS NULL AND task_id IN ({listed})",
+    output = psql_from(cluster.one("workers"), cluster, sql.format(ids=listed))
+    return [line.split("|") for line in output.splitlines()]
+
+
+def running_executions(cluster: Cluster, task_ids: set[str]) -> list[tuple[str, str, int]]:
+    """``(task id, host, pid)`` of the executions of ``task_ids`` that have started and not
+    finished, as the result store records them."""
+    rows = rows_of_tasks(
+        cluster, "SELECT task_id, host, pid FROM stackapp_executions WHERE finished_at IS NULL AND task_id IN ({ids})", task_ids
     )
-    return [(task_id, host, int(pid)) for task_id, host, pid in (line.split("|") for line in rows.splitlines())]
+    return [(task_id, host, int(pid)) for task_id, host, pid in rows]
 
 
 def healthy(cluster: Cluster) -> bool:
@@ -193,19 +199,13 @@ def await_results(batch: Batch) -> dict[str, dict]:
 
 def stored_states(cluster: Cluster, task_ids) -> dict[str, str]:
     """Task id → status in PostgreSQL's celery_taskmeta, read with psql."""
-    listed = ",".join(f"'{task_id}'" for task_id in task_ids)
-    rows = psql_from(cluster.one("workers"), cluster, f"SELECT task_id, status FROM celery_taskmeta WHERE task_id IN ({listed})")
-    return dict(line.split("|") for line in rows.splitlines())
+    return dict(rows_of_tasks(cluster, "SELECT task_id, status FROM celery_taskmeta WHERE task_id IN ({ids})", task_ids))
 
 
 def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
     """Task id → how many times it started running, from the executions table."""
-    listed = ",".join(f"'{task_id}'" for task_id in task_ids)
-    rows = psql_from(
-        cluster.one("workers"), cluster,
-        f"SELECT task_id, count(*) FROM stackapp_executions WHERE task_id IN ({listed}) GROUP BY task_id",
-    )
-    return {task_id: int(count) for task_id, count in (line.split("|") for line in rows.splitlines())}
+    sql = "SELECT task_id, count(*) FROM stackapp_executions WHERE task_id IN ({ids}) GROUP BY task_id"
+    return {task_id: int(count) for task_id, count in rows_of_tasks(cluster, sql, task_ids)}
 
 
 def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
