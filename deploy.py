@@ -1,9 +1,10 @@
 """
 The whole stack: ``pyinfra inventory.py deploy.py``.
 
-Each host gets the base system with every package its roles need (one apt transaction), then
-the services of the inventory groups it is in, data services before the application, then the
-exporters and, on the monitoring host, Prometheus, Alertmanager and Grafana. Settings,
+Each host gets the base system with every package its roles need (one apt transaction), its
+firewall table (when the firewall setting is on), then the services of the inventory groups it
+is in, data services before the application, then the exporters and, on the monitoring host,
+Prometheus, Alertmanager and Grafana. Settings,
 secrets and the topology are checked first, for the whole inventory at once: bad input stops
 the run before any operation runs.
 """
@@ -11,7 +12,7 @@ the run before any operation runs.
 from pyinfra import host, inventory
 
 import settings
-from tasks import app, base, grafana, monitoring, postgresql, rabbitmq, redis
+from tasks import app, base, firewall, front, grafana, monitoring, postgresql, rabbitmq, redis
 
 secrets = settings.validate(inventory)
 
@@ -28,14 +29,21 @@ services = [service for service in SERVICES if service in host.groups]
 runs_app = any(group in host.groups for group in settings.APP_GROUPS)
 packages = {package for service in services for package in SERVICES[service][0]()}
 if runs_app:
-    packages.update(APP_PACKAGES)
+    packages.update(APP_PACKAGES, settings.for_host(host).app_system_packages)
 packages.update(monitoring.packages(host.groups))
+if settings.for_host(host).firewall:
+    packages.update(firewall.PACKAGES)
+if "front" in host.groups:
+    packages.update(front.PACKAGES)
 
 base.base_system(packages=sorted(packages))
+firewall.firewall()
 for service in services:
     SERVICES[service][1](secrets)
 if runs_app:
     app.application(secrets)
+if "front" in host.groups:
+    front.front()
 monitoring.exporters(secrets)
 if "monitoring" in host.groups:
     monitoring.monitoring_server(secrets)

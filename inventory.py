@@ -22,13 +22,17 @@ or a split one::
     }
 
 Groups: redis, rabbitmq, postgres (one host each), web, workers, beat (exactly one host),
-monitoring. Settings shared by all hosts go in ``group_data/all.py``.
+monitoring, front (nginx balancing over the web hosts). Settings shared by all hosts go in
+``group_data/all.py``. A host may also be in groups of your own, which carry settings rather
+than roles: e.g. worker hosts in a group ``mail_workers`` with ``celery_queues = "mail"`` in
+``group_data/mail_workers.py``. A group whose name is close to a role's (``worker``) is refused as a likely typo.
 
 Set ``STACK_HOSTS_FILE`` to a JSON file (``{"name": [[groups...], {data...}], ...}``) to use its
 hosts instead of ``HOSTS``: that is how the sandbox (``make demo``) and the tests point this
 same file at containers.
 """
 
+import difflib as _difflib
 import json
 import os
 
@@ -55,21 +59,20 @@ def _group(name: str, hosts: dict) -> list:
 
 def _check(hosts: dict) -> None:
     for host, (groups, _data) in hosts.items():
-        if not groups:
-            raise _SettingsError(f"inventory: host {host} is in no group; give it at least one of {list(_GROUPS)}")
-        unknown = sorted(set(groups) - set(_GROUPS))
-        if unknown:
-            raise _SettingsError(
-                f"inventory: host {host} is in unknown group(s) {unknown}; the groups are {list(_GROUPS)}"
-            )
+        if not set(groups) & set(_GROUPS):
+            raise _SettingsError(f"inventory: host {host} is in no role group; give it at least one of {list(_GROUPS)}")
+        for group in sorted(set(groups) - set(_GROUPS)):
+            close = _difflib.get_close_matches(group, _GROUPS, n=1, cutoff=0.75)
+            if close or not group.isidentifier():
+                raise _SettingsError(
+                    f"inventory: host {host} is in group {group!r}, which is not a role"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" The roles are {list(_GROUPS)}; a group of your own needs a name like mail_workers."
+                )
 
 
 _check(_hosts())
 
-redis = _group("redis", _hosts())
-rabbitmq = _group("rabbitmq", _hosts())
-postgres = _group("postgres", _hosts())
-web = _group("web", _hosts())
-workers = _group("workers", _hosts())
-beat = _group("beat", _hosts())
-monitoring = _group("monitoring", _hosts())
+# Every group of the inventory, roles and groups of your own, as pyinfra reads them.
+for _name in sorted({group for groups, _data in _hosts().values() for group in groups} | set(_GROUPS)):
+    globals()[_name] = _group(_name, _hosts())

@@ -31,13 +31,16 @@ from pyinfra.api.exceptions import PyinfraError
 PROJECT_DIR = Path(__file__).resolve().parent
 
 #: Inventory groups, each a role. A host may be in several.
-GROUPS = ("redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring")
+GROUPS = ("redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring", "front")
 #: Groups whose hosts run application code and so need the broker and the result database.
 APP_GROUPS = ("web", "workers", "beat")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: systemd waits this long beyond the longest task before it kills a stopping worker.
 STOP_MARGIN_SECONDS = 30
+
+#: Settings every application host must share: one broker, one result store, one code base.
+SAME_ON_APP_HOSTS = (("celery_broker", "celery_result_backend"), ("app_source", "app_git_ref"))
 
 #: Per-host data that is not a setting: the address other hosts reach this one on.
 HOST_KEYS = ("private_address",)
@@ -107,10 +110,65 @@ def _absolute_or_empty(value: str) -> str | None:
     return None if value == "" or value.startswith("/") else "must be an absolute path, or empty for the default"
 
 
-def _local_directory(value: str) -> str | None:
-    if (PROJECT_DIR / Path(value).expanduser()).is_dir():
+GIT_URL = re.compile(r"(git\+)?(https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+|\S+\.git/?")
+DISTRIBUTION_SUFFIXES = (".whl", ".tar.gz", ".zip")
+
+
+def source_kind(value: str) -> str:
+    """What ``app_source`` names: "git", "distribution" (wheel or sdist) or "directory"."""
+    if GIT_URL.fullmatch(value) and not (PROJECT_DIR / Path(value).expanduser()).is_dir():
+        return "git"
+    if value.endswith(DISTRIBUTION_SUFFIXES):
+        return "distribution"
+    return "directory"
+
+
+def _app_source(value: str) -> str | None:
+    kind = source_kind(value)
+    local = PROJECT_DIR / Path(value).expanduser()
+    if kind == "git" or (kind == "directory" and local.is_dir()) or (kind == "distribution" and local.is_file()):
         return None
-    return f"must be a directory on this machine; {value!r} is not one"
+    return (
+        f"must be a directory or a wheel/sdist file on this machine, or a git URL; {value!r} is none of them "
+        "(a relative path is relative to deploy.py)"
+    )
+
+
+def _git_ref(value: str) -> str | None:
+    return None if re.fullmatch(r"[\w./@+-]*", value) and ".." not in value else "must be a branch, tag or commit"
+
+
+def _local_file_or_empty(value: str) -> str | None:
+    return None if value == "" or Path(value).expanduser().is_file() else f"{value!r} is not a file on this machine"
+
+
+def _relative_path(value: str) -> str | None:
+    if value.startswith("/") or ".." in Path(value).parts:
+        return "must be a path inside the source tree: relative, without .."
+    return None
+
+
+def _command(value: str) -> str | None:
+    return None if re.fullmatch(r"[\w./+-]+", value) else "must be a command name or an absolute path, e.g. python3.11"
+
+
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Environment variables the deploy itself sets in the application's environment file.
+RESERVED_PREFIX = "STACK_"
+
+
+def _variable_names(names: list[str]) -> str | None:
+    bad = [name for name in names if not VARIABLE_NAME.fullmatch(name) or name.startswith(RESERVED_PREFIX)]
+    if bad:
+        return f"holds {bad}: names must be letters, digits and _, and not start with {RESERVED_PREFIX}"
+    return None
+
+
+def _environment(variables: dict[str, str]) -> str | None:
+    bad = [name for name, value in variables.items() if not isinstance(value, str) or "\n" in value]
+    if bad:
+        return f"values of {bad} must be strings on one line"
+    return _variable_names(list(variables))
 
 
 def _import_path(value: str) -> str | None:
@@ -123,6 +181,15 @@ def _queue_list(value: str) -> str | None:
     if re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):
         return None
     return 'must be comma-separated queue names, e.g. "celery,emails"'
+
+
+def _networks(values: list[str]) -> str | None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"holds {value!r}, which is not an IP address or network such as 10.8.0.0/24"
+    return None
 
 
 def _duration(value: str) -> str | None:
@@ -164,8 +231,8 @@ def ca_file_error(path: str) -> str | None:
 
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
     """Declare a setting: its default, the sentence the README shows, and an optional check."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "check": check})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})
     return field(default=default, metadata={"help": help, "check": check})
 
 
@@ -260,19 +327,81 @@ class Settings:
     app_dir: str = setting("", "Where the application lives on hosts; empty means /opt/<app_name>.", _absolute_or_empty)
     app_source: str = setting(
         "files/app",
-        "Local directory with the application's code (relative to deploy.py or absolute); synced to <app_dir>/src.",
-        _local_directory,
+        "The application: a local directory (relative to deploy.py or absolute), a git repository URL "
+        "(fetched on this machine at app_git_ref, then synced like a directory), or a built wheel or "
+        "sdist file, installed into the venv.",
+        _app_source,
+    )
+    app_git_ref: str = setting(
+        "", "Branch, tag or commit of a git app_source; empty for the repository's default branch.", _git_ref
+    )
+    app_git_ssh_key: str = setting(
+        "", "Private deploy key (path on this machine) for an ssh git app_source; it never leaves this machine.",
+        _local_file_or_empty,
+    )
+    app_sync_exclude: list[str] = setting(
+        [],
+        "File or directory name patterns not synced to hosts, beyond .git, venvs, caches and *.pyc.",
+    )
+    app_workdir: str = setting(
+        "",
+        "Directory inside the source tree the services run in (projects read templates and static files "
+        "relative to it); empty for the tree's root.",
+        _relative_path,
     )
     app_requirements: str = setting(
-        "requirements.txt", "Pinned requirements file, relative to app_source, installed into <app_dir>/venv."
+        "requirements.txt",
+        "What the venv installs from the source tree: a pinned requirements file, \"pyproject.toml\" to "
+        "install the project itself (with its dependencies), or empty for nothing. Not used for a wheel/sdist.",
+        _relative_path,
+    )
+    app_constraints: str = setting(
+        "", "Constraints file (pip -c) inside the source tree, or on this machine for a wheel/sdist; empty for none."
+    )
+    app_python_packages: list[str] = setting(
+        [], "Extra or overriding Python requirements (pip specifiers), installed with the application's."
+    )
+    app_system_packages: list[str] = setting(
+        [], "Extra Debian packages on application hosts, e.g. build-essential, python3-dev, libpq-dev."
+    )
+    app_python: str = setting(
+        "python3", "Python interpreter the venv is made with (a command on the hosts, e.g. python3.11).", _command
+    )
+    app_environment: dict[str, str] = setting(
+        {}, "Extra environment variables of every application process (not secrets: see STACK_APP_SECRETS).",
+        _environment,
+    )
+    app_secret_variables: list[str] = setting(
+        [],
+        "Names of secret environment variables of the application; each value comes from STACK_APP_<NAME> "
+        "in the environment or the secrets file.",
+        _variable_names,
+    )
+    app_broker_url_variables: list[str] = setting(
+        ["CELERY_BROKER_URL"], "Environment variables that carry the broker URL to the application.", _variable_names
+    )
+    app_result_backend_variables: list[str] = setting(
+        ["CELERY_RESULT_BACKEND"],
+        "Environment variables that carry the result backend URL to the application.",
+        _variable_names,
+    )
+    celery_enforce_durability: bool = setting(
+        True,
+        "Apply the deploy's no-task-lost Celery settings (late acks, requeue on worker loss, prefetch 1, "
+        "publisher confirms, retries) over the application's own configuration.",
     )
     asgi_app: str = setting("stackapp.api:app", "Import path of the ASGI application Gunicorn serves.", _import_path)
     celery_app: str = setting("stackapp.celery_app", "Import path of the Celery application (celery -A).", _import_path)
     pip_index_url: str = setting("", "Python package index for the venv (a mirror); empty for pip's default.", _url_or_empty)
     web_port: int = setting(8000, "Port Gunicorn listens on (systemd socket on the private address and loopback).", _port)
     gunicorn_workers: int = setting(2, "Gunicorn worker processes (Uvicorn workers) per web host.", _positive)
-    celery_concurrency: int = setting(2, "Celery worker pool processes per worker host.", _positive)
-    celery_queues: str = setting("celery", "Comma-separated queues the workers consume.", _queue_list)
+    celery_concurrency: int = setting(
+        2, "Celery worker pool processes per worker host (per worker group: group_data/<group>.py).", _positive
+    )
+    celery_queues: str = setting(
+        "celery", "Comma-separated queues the workers consume (per worker group: set it in group_data/<group>.py).",
+        _queue_list,
+    )
     celery_loglevel: str = setting(
         "INFO", "Log level of the Celery worker and beat.", lambda v: None if v in LOG_LEVELS else f"must be one of {LOG_LEVELS}"
     )
@@ -284,6 +413,25 @@ class Settings:
     )
     beat_heartbeat_seconds: float = setting(
         60.0, "Interval of the heartbeat task beat sends, which shows that beat and a worker are alive.", _positive
+    )
+
+    # Front (hosts of the front group)
+    front_port: int = setting(80, "Port nginx serves the application on, on front hosts (every address).", _port)
+    front_fail_timeout_seconds: int = setting(
+        10, "A web host that failed a request is left out of the balancing for this long.", _positive
+    )
+
+    # Host firewall
+    firewall: bool = setting(
+        False,
+        "Load an nftables table (Debian's nftables) that opens each service port only to the inventory "
+        "groups that use it, the admin sources and the host itself; other ports are left alone.",
+    )
+    firewall_admin_sources: list[str] = setting(
+        [],
+        "Addresses or networks (CIDR) of operators, allowed to every service port (Prometheus, "
+        "Alertmanager, Grafana, Flower, the databases), e.g. a VPN's range.",
+        _networks,
     )
 
     # Monitoring (hosts of the monitoring group; exporters on every host when there is one)
@@ -362,11 +510,24 @@ class Settings:
                 f"celery_longest_task_seconds ({self.celery_longest_task_seconds}), or Redis hands running "
                 "tasks to a second worker; raise it"
             )
-        source = PROJECT_DIR / Path(self.app_source).expanduser()
-        if source.is_dir() and not (source / self.app_requirements).is_file():
+        if source_kind(self.app_source) != "distribution" and _relative_path(self.app_constraints):
+            problems.append(f"app_constraints {_relative_path(self.app_constraints)} (got {self.app_constraints!r})")
+        elif source_kind(self.app_source) == "directory":
+            problems += source_tree_problems(self, PROJECT_DIR / Path(self.app_source).expanduser())
+        elif source_kind(self.app_source) == "distribution":
+            if self.app_workdir:
+                problems.append(
+                    "app_workdir is set but app_source is a wheel/sdist, which has no source tree to run in; "
+                    "clear app_workdir, or deploy from the project's directory or git repository"
+                )
+            if self.app_constraints and not (PROJECT_DIR / Path(self.app_constraints).expanduser()).is_file():
+                problems.append(f"app_constraints {self.app_constraints!r} is not a file on this machine")
+        named = [*self.app_broker_url_variables, *self.app_result_backend_variables, *self.app_secret_variables]
+        repeated = sorted({name for name in named if named.count(name) > 1} | (set(named) & set(self.app_environment)))
+        if repeated:
             problems.append(
-                f"app_requirements {self.app_requirements!r} is not a file in app_source ({source}); "
-                "point it at the application's pinned requirements file"
+                f"environment variables {repeated} are given more than once by app_broker_url_variables, "
+                "app_result_backend_variables, app_secret_variables and app_environment; name each once"
             )
         if self.alert_email_to and not (self.alert_email_from and self.alert_smtp_smarthost):
             problems.append(
@@ -390,12 +551,32 @@ class Settings:
         return problems
 
 
+def source_tree_problems(config: Settings, tree: Path) -> list[str]:
+    """What is missing from the application's source tree (a directory, or a git checkout)."""
+    problems = []
+    for name in ("app_requirements", "app_constraints"):
+        value = getattr(config, name)
+        if value and not (tree / value).is_file():
+            problems.append(
+                f"{name} {value!r} is not a file in the application's source ({tree}); point it at a file "
+                "there, relative to the tree's root, or clear it"
+            )
+    if config.app_workdir and not (tree / config.app_workdir).is_dir():
+        problems.append(
+            f"app_workdir {config.app_workdir!r} is not a directory in the application's source ({tree}); "
+            "give a directory relative to the tree's root, or clear it"
+        )
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # Secrets.
 # --------------------------------------------------------------------------------------------
 
 #: Environment variable naming the secrets file; by default ``secrets.env`` beside deploy.py.
 SECRETS_FILE_VARIABLE = "STACK_SECRETS_FILE"
+#: The value of the application's secret variable NAME comes from STACK_APP_<NAME>.
+APP_SECRET_PREFIX = "STACK_APP_"
 MIN_SECRET_LENGTH = 16
 #: Values that are defaults somewhere, or placeholders: refused whatever their length.
 WEAK_SECRETS = {"guest", "password", "changeme", "secret", "admin", "celery", "redis", "postgres", "rabbitmq"}
@@ -440,6 +621,11 @@ class Secrets:
             "check": _url_or_empty,
         },
     )
+    #: Values of the application's own secret variables (setting app_secret_variables), by name.
+    app_variables: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return "Secrets(<hidden>)"
 
 
 def secrets_file() -> Path:
@@ -476,14 +662,24 @@ def secret_problem(value: str) -> str | None:
     return None
 
 
-def load_secrets(environ: dict[str, str] | None = None, grafana: bool = False) -> Secrets:
-    """Read and check every secret (those of Grafana only if ``grafana``); one error lists all
-    that are wrong and how to set them."""
+def load_secrets(
+    environ: dict[str, str] | None = None, grafana: bool = False, app_variables: tuple[str, ...] = ()
+) -> Secrets:
+    """Read and check every secret (those of Grafana only if ``grafana``, and the application's
+    ``app_variables``); one error lists all that are wrong and how to set them."""
     environ = os.environ if environ is None else environ
     path = secrets_file()
     from_file = _read_env_file(path)
     values, problems = {}, []
+    application = {}
+    for name in app_variables:
+        variable = APP_SECRET_PREFIX + name
+        application[name] = environ.get(variable) or from_file.get(variable, "")
+        if not application[name]:
+            problems.append(f"{variable} is missing or empty (app_secret_variables names {name})")
     for item in fields(Secrets):
+        if "env" not in item.metadata:
+            continue
         variable, when = item.metadata["env"], item.metadata["when"]
         value = environ.get(variable) or from_file.get(variable, "")
         if when == "always" or (when == "grafana" and grafana):
@@ -500,7 +696,7 @@ def load_secrets(environ: dict[str, str] | None = None, grafana: bool = False) -
             + f". Set each in the environment or in {path} (KEY=VALUE, never committed), "
             f"e.g. {fields(Secrets)[0].metadata['env']}=$(openssl rand -hex 24)."
         )
-    return Secrets(**values)
+    return Secrets(**values, app_variables=application)
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +709,10 @@ def _type_error(name: str, expected: Any, value: Any) -> str | None:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return None
     origin = getattr(expected, "__origin__", None)
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return None
+        return f"{name} must be a mapping of names to strings, e.g. {{\"SENTRY_ENVIRONMENT\": \"production\"}}, not {value!r}"
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return None
@@ -533,6 +733,8 @@ def _coerce(expected: Any, value: Any) -> Any:
             return float(value)
         if getattr(expected, "__origin__", None) is list:
             return [part for part in value.split(",") if part]
+        if expected is bool and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
     except ValueError:
         pass
     return value
@@ -596,12 +798,13 @@ def _topology_problems(inventory: Any) -> list[str]:
                 f"host {host.name} is in no group; add it to one of {', '.join(GROUPS)} in inventory.py"
             )
     app_hosts = [resolve(h.data.dict())[0] for h in inventory if any(g in h.groups for g in APP_GROUPS)]
-    choices = {(config.celery_broker, config.celery_result_backend) for config in app_hosts}
-    if len(choices) > 1:
-        problems.append(
-            f"application hosts disagree on celery_broker / celery_result_backend ({sorted(choices)}); "
-            "set them once, in group_data/all.py"
-        )
+    for names in SAME_ON_APP_HOSTS:
+        choices = {tuple(getattr(config, name) for name in names) for config in app_hosts}
+        if len(choices) > 1:
+            problems.append(
+                f"application hosts disagree on {' / '.join(names)} ({sorted(choices)}); "
+                "set them once, in group_data/all.py"
+            )
     needed = {group: setting for config in app_hosts for group, setting in config.servers_needed.items()}
     for group in ("redis", "rabbitmq", "postgres", "monitoring"):
         servers = inventory.get_group(group, [])
@@ -616,6 +819,8 @@ def _topology_problems(inventory: Any) -> list[str]:
                 f"group {group} is empty but {needed[group]} = {value!r} needs it; add a host to {group} "
                 f"or choose another {needed[group]}"
             )
+    if inventory.get_group("front", []) and not inventory.get_group("web", []):
+        problems.append("group front has hosts but group web has none to balance over; add a web host or empty front")
     beat = inventory.get_group("beat", [])
     if len(beat) != 1 and any(inventory.get_group(g, []) for g in ("web", "workers")):
         problems.append(
@@ -638,8 +843,10 @@ def validate(inventory: Any) -> Secrets:
     ]
     problems += _topology_problems(inventory)
     monitors = [resolve(h.data.dict())[0] for h in inventory.get_group("monitoring", [])]
+    app_hosts = [resolve(h.data.dict())[0] for h in inventory if any(g in h.groups for g in APP_GROUPS)]
+    app_variables = tuple(sorted({name for config in app_hosts for name in config.app_secret_variables}))
     try:
-        secrets = load_secrets(grafana=any(config.grafana != "none" for config in monitors))
+        secrets = load_secrets(grafana=any(config.grafana != "none" for config in monitors), app_variables=app_variables)
     except SettingsError as error:
         problems.append(str(error))
         secrets = None
@@ -677,7 +884,9 @@ def markdown_table() -> str:
         lines.append(f"| `{item.name}` | `{default!r}` | {item.metadata['help']} |")
     lines += ["", "| Secret (environment variable) | What it is |", "| --- | --- |"]
     for item in fields(Secrets):
-        lines.append(f"| `{item.metadata['env']}` | {item.metadata['help']} |")
+        if "env" in item.metadata:
+            lines.append(f"| `{item.metadata['env']}` | {item.metadata['help']} |")
+    lines.append(f"| `{APP_SECRET_PREFIX}<NAME>` | Value of the application's secret variable NAME (setting app_secret_variables). |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,9 @@ from pyinfra.operations.util import any_changed
 import settings
 
 APT_PROXY_FILE = "/etc/apt/apt.conf.d/80stack-proxy"
+APT_LOCK_FILE = "/etc/apt/apt.conf.d/80stack-lock-timeout"
+#: dpkg keeps the packages of an interrupted run here until `dpkg --configure -a` finishes them.
+DPKG_UPDATES = "/var/lib/dpkg/updates"
 CA_DIR = "/usr/local/share/ca-certificates"
 #: Our certificates are named so; others in CA_DIR belong to someone else and are left alone.
 CA_PREFIX = "stack-"
@@ -45,6 +48,7 @@ def base_system(packages: list[str]) -> None:
         files.file(name="Remove any apt proxy we configured before", path=APT_PROXY_FILE, present=False)
 
     _trust_ca_certificates(config.extra_ca_certificates)
+    _recover_interrupted_apt()
 
     apt.update(
         name="Refresh apt's package lists when older than apt_cache_valid_seconds",
@@ -73,4 +77,27 @@ def _trust_ca_certificates(paths: list[str]) -> None:
             name="Rebuild the system CA bundle",
             commands=["update-ca-certificates --fresh >/dev/null"],
             _if=any_changed(*changes),
+        )
+
+
+def _recover_interrupted_apt() -> None:
+    """A deploy killed in the middle of apt leaves either an apt still running on the host
+    (it holds the lock: wait for it, up to 10 minutes, instead of failing at once) or a dpkg
+    run cut short (finish it with ``dpkg --configure -a``, which apt itself asks for and which
+    does nothing when nothing is pending; run only when dpkg left pending work behind)."""
+    files.put(
+        name="Make apt wait for a running apt's lock instead of failing",
+        src=StringIO('DPkg::Lock::Timeout "600";\n'),
+        dest=APT_LOCK_FILE,
+        mode="0644",
+    )
+    if host.get_fact(FindFiles, path=DPKG_UPDATES, quote_path=True, maxdepth=1, fname="[0-9]*"):
+        server.shell(
+            name="Finish the package configuration an interrupted run left pending",
+            # dpkg has no lock timeout: retry while an apt left running holds the lock.
+            commands=[
+                "for attempt in $(seq 300); do "
+                "DEBIAN_FRONTEND=noninteractive dpkg --configure -a --force-confold && exit 0; sleep 2; "
+                "done; exit 1"
+            ],
         )

@@ -66,7 +66,7 @@ def packages(groups: list[str]) -> list[str]:
 def watched_units(app: str) -> str:
     """Regular expression of the units node_exporter reports (no backslash: it would need
     escaping twice over in Debian's ARGS file)."""
-    return f"(redis-server|rabbitmq-server|postgresql@.+|{app}-.+|prometheus.*)[.](service|socket)"
+    return f"(redis-server|rabbitmq-server|postgresql@.+|nginx|{app}-.+|prometheus.*)[.](service|socket)"
 
 
 def _listen(port: int) -> str:

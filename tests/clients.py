@@ -108,34 +108,42 @@ def stored_result(cluster: Cluster, task_id: str, backend: str = "postgresql") -
         return f"{meta.get('status')} {meta.get('name')} {meta.get('worker')}"
     return psql_from(
         cluster.one("workers"), cluster,
-        f"SELECT status || ' ' || name || ' ' || worker FROM celery_taskmeta WHERE task_id = '{task_id}'",
+        f"SELECT concat_ws(' ', status, name, worker) FROM celery_taskmeta WHERE task_id = '{task_id}'",
     )
 
 
-def check_task_end_to_end(cluster: Cluster, n: int = 1234, backend: str = "postgresql") -> list[str]:
+def check_task_end_to_end(cluster: Cluster, n: int = 1234, backend: str = "postgresql", reference: bool = True) -> list[str]:
     """Submit a task through every web host; each must come back right through the API and be
-    in the result store (PostgreSQL's Celery table, or Redis). The task ids."""
+    in the result store (PostgreSQL's Celery table, or Redis). The task ids.
+
+    Any application with the reference's HTTP contract (POST /tasks {"n"} → 202 {"id"}; GET
+    /tasks/{id} → {"state", "result": {"answer"}}) can be checked; only the reference app
+    (``reference``) also records executions and stores extended results (task name, worker)."""
     ids = []
     for web in cluster.by_group("web"):
         task_id = submit_task(web, n)
         body = task_result(web, task_id)
         assert body["state"] == "SUCCESS", body
         assert body["result"]["answer"] == expected_answer(n), body
-        assert body["executions"] == 1, body  # recorded once, in the result store
         row = stored_result(cluster, task_id, backend)
-        assert row.startswith("SUCCESS stackapp.compute worker@"), row
+        if reference:
+            assert body["executions"] == 1, body  # recorded once, in the result store
+            assert row.startswith("SUCCESS stackapp.compute worker@"), row
+        else:
+            assert row.split()[:1] == ["SUCCESS"], row
         ids.append(task_id)
     return ids
 
 
 class RequestLoop:
-    """``clients`` threads each sending GET / to every web host in turn, one request at a time,
+    """``clients`` threads each sending GET / to every host in turn (the web port, or ``port``),
+    one request at a time,
     until stopped (bounded: at most ``limit_seconds``); counts answers and failures, and the
     longest time the service went without answering. Container addresses only."""
 
-    def __init__(self, hosts, clients: int = 1, limit_seconds: float = 600):
-        self.hosts, self.limit = hosts, limit_seconds
-        self.ok, self.failures, self.releases = 0, [], set()
+    def __init__(self, hosts, clients: int = 1, limit_seconds: float = 600, port: int = WEB_PORT):
+        self.hosts, self.limit, self.port = hosts, limit_seconds, port
+        self.ok, self.failures, self.releases, self.served_by = 0, [], set(), set()
         self.answered_at: list[float] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -166,10 +174,11 @@ class RequestLoop:
         while not self.stop.is_set() and time.monotonic() < deadline:
             for host in self.hosts:
                 try:
-                    response = requests.get(web_url(host, "/"), timeout=10)
+                    response = requests.get(f"http://{host.address}:{self.port}/", timeout=10)
                     response.raise_for_status()
                     with self.lock:
                         self.releases.add(response.json()["release"])
+                        self.served_by.add(response.json()["host"])
                         self.ok += 1
                         self.answered_at.append(time.monotonic())
                 except requests.RequestException as error:

@@ -47,6 +47,9 @@ def bench_settings(**overrides: str) -> dict[str, str]:
         "alertmanager_group_interval": "10s",
         # Grafana's package cannot be obtained on our machines (see tests/test_monitoring.py).
         "grafana": "none",
+        # The host firewall on, with this machine (the network's gateway) as the admin source
+        # from which the tests reach every service (set once the network exists).
+        "firewall": "true",
     }
     certificates = host_ca_certificates()
     if certificates:
@@ -58,16 +61,22 @@ def bench_settings(**overrides: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def converge(base_image, tmp_path_factory):
-    """``converge(name, topology, idempotence=True, **settings)``: a context manager that
-    creates the containers of ``topology``, deploys (and, with ``idempotence``, deploys again),
-    yields the cluster and destroys it, whatever happened."""
+    """``converge(name, topology, idempotence=True, arguments=(), secrets=None, **settings)``:
+    a context manager that creates the containers of ``topology``, deploys with ``settings``,
+    extra pyinfra ``arguments`` and extra ``secrets`` in the environment (and, with
+    ``idempotence``, deploys again), yields the cluster and destroys it, whatever happened."""
 
     @contextmanager
-    def converged(name: str, topology: dict, idempotence: bool = True, **settings: str) -> Iterator[Cluster]:
+    def converged(
+        name: str, topology: dict, idempotence: bool = True, arguments=(), secrets=None, **settings: str
+    ) -> Iterator[Cluster]:
         cluster = Cluster(topology, base_image, tmp_path_factory.mktemp(name), data=bench_settings(**settings))
         cluster.name = name
+        cluster.arguments = list(arguments)
+        cluster.secrets.update(secrets or {})
         try:
             cluster.create()
+            cluster.data.setdefault("firewall_admin_sources", cluster.gateway)
             if any("monitoring" in groups for groups in topology.values()):
                 # Alertmanager's webhook: this process, on the cluster network's gateway.
                 cluster.receiver = AlertReceiver(cluster.gateway)

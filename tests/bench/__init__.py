@@ -162,6 +162,8 @@ class Cluster:
     name: str = "bench"
     #: The webhook receiver of its Alertmanager, when it has a monitoring host.
     receiver: object = None
+    #: Extra arguments of every ``pyinfra`` run (e.g. ``--group-data DIR``).
+    arguments: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.client = docker_client()
@@ -255,20 +257,25 @@ class Cluster:
     def hosts_file(self) -> Path:
         return self.workdir / "hosts.json"
 
-    def write_hosts_file(self) -> None:
-        """The inventory of this cluster, in the format ``inventory.py`` reads from STACK_HOSTS_FILE."""
-        ssh = {
+    def ssh_data(self) -> dict[str, object]:
+        """pyinfra's connection data for the bench's containers."""
+        return {
             "ssh_user": SSH_USER,
             "ssh_key": str(self.key),
             "ssh_known_hosts_file": "/dev/null",
             "ssh_strict_host_key_checking": "off",
             "_sudo": True,
         }
-        hosts = {
-            host.address: [host.groups, {"private_address": host.address, **ssh}]
+
+    def inventory(self) -> dict[str, list]:
+        """The inventory of this cluster, as ``inventory.py`` reads it from STACK_HOSTS_FILE."""
+        return {
+            host.address: [host.groups, {"private_address": host.address, **self.ssh_data()}]
             for host in self.hosts.values()
         }
-        self.hosts_file.write_text(json.dumps(hosts, indent=2))
+
+    def write_hosts_file(self) -> None:
+        self.hosts_file.write_text(json.dumps(self.inventory(), indent=2))
 
     def environment(self, **overrides: str) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("STACK_")}
@@ -277,15 +284,18 @@ class Cluster:
         env.update(overrides)
         return env
 
-    def deploy(self, *extra: str, env: dict[str, str] | None = None, timeout: float = 1200) -> PyinfraRun:
-        """Run ``pyinfra -y --json inventory.py deploy.py`` from the project directory."""
+    def command(self, *extra: str) -> list[str]:
+        """``pyinfra -y --json inventory.py deploy.py`` with this cluster's settings and arguments."""
         command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", "inventory.py", "deploy.py"]
         for key, value in self.data.items():
             command += ["--data", f"{key}={value}"]
-        command += list(extra)
+        return [*command, *self.arguments, *extra]
+
+    def deploy(self, *extra: str, env: dict[str, str] | None = None, timeout: float = 1200) -> PyinfraRun:
+        """Run ``pyinfra -y --json inventory.py deploy.py`` from the project directory."""
         started = time.monotonic()
         process = subprocess.run(
-            command,
+            self.command(*extra),
             cwd=PROJECT_DIR,
             env=env or self.environment(),
             capture_output=True,
@@ -295,6 +305,8 @@ class Cluster:
         )
         run = PyinfraRun(process.returncode, time.monotonic() - started, process.stdout, process.stderr)
         self.runs.append(run)
+        leaked = [name for name, value in self.secrets.items() if value in run.output]
+        assert not leaked, f"pyinfra printed the value of {leaked}"  # never print which value
         return run
 
     # -- diagnostics ---------------------------------------------------------------------------

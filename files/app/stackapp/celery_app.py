@@ -18,7 +18,7 @@ BROKER_URL = os.environ["CELERY_BROKER_URL"]
 # With Redis as broker, a task taken by a worker and never acknowledged (the worker crashed)
 # goes back to the queue after this many seconds: longer than the longest task and any ETA, or
 # a running task is given to a second worker. Results in Redis use the same value.
-VISIBILITY_TIMEOUT = int(os.environ.get("STACKAPP_VISIBILITY_TIMEOUT", "7200"))
+VISIBILITY_TIMEOUT = int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))
 if BROKER_URL.startswith("redis"):
     BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": VISIBILITY_TIMEOUT}
 else:
@@ -66,13 +66,13 @@ app.conf.update(
     task_track_started=True,
     # A task that runs longer than the deploy's longest-task setting is killed (and retried
     # by the broker) rather than blocking a process for ever.
-    task_time_limit=int(os.environ.get("STACKAPP_TASK_TIME_LIMIT", "300")),
+    task_time_limit=int(os.environ.get("STACK_TASK_TIME_LIMIT", "300")),
     worker_send_task_events=True,
     task_send_sent_event=True,
     beat_schedule={
         "heartbeat": {
             "task": "stackapp.heartbeat",
-            "schedule": float(os.environ.get("STACKAPP_HEARTBEAT_SECONDS", "60")),
+            "schedule": float(os.environ.get("STACK_HEARTBEAT_SECONDS", "60")),
         },
     },
 )

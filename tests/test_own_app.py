@@ -1,0 +1,242 @@
+"""
+Bring your own application: a second app, generated here, laid out unlike the reference app and
+deployed with settings only (no change to the deploy's code or to the app's):
+
+- a git repository (fetched at a tag), package under ``src/``, installed from pyproject.toml
+  under a constraints file, plus an extra package (app_python_packages);
+- its own import paths for the ASGI app and the Celery app, and its own variable names for the
+  broker and result URLs (Redis broker, PostgreSQL results);
+- a dependency compiled from source (psycopg2, which needs libpq-dev, python3-dev and a
+  compiler: app_system_packages);
+- a template read relative to the working directory (app_workdir), its own environment
+  variables (one with quotes and a backslash) and a secret variable;
+- its worker hosts in an inventory group of its own, whose group data sets the queues and the
+  concurrency; the app configures none of Celery's delivery settings, and the deploy's
+  no-task-lost settings are in force in its worker all the same.
+
+Then the same app, built as an sdist, replaces the git deploy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets as random_secrets
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from bench import PROJECT_DIR, Cluster
+from clients import check_task_end_to_end, web_url
+
+pytestmark = pytest.mark.bench
+
+APP = "acme"
+SIGNING_KEY = random_secrets.token_hex(16)
+GREETING_NAME = 'Ada "the countess" \\ Lovelace'
+
+FILES = {
+    "pyproject.toml": """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "acme-jobs"
+version = "1.0"
+requires-python = ">=3.11"
+dependencies = ["fastapi", "celery[redis]", "sqlalchemy", "psycopg2", "gunicorn", "uvicorn[standard]"]
+
+[tool.setuptools.packages.find]
+where = ["src"]
+""",
+    "src/acme_jobs/__init__.py": "",
+    "src/acme_jobs/queueing.py": """\
+import os
+
+from celery import Celery
+
+# Nothing of Celery's delivery settings here: the deploy applies its own.
+queue = Celery(
+    "acme", broker=os.environ["ACME_QUEUE_URL"], backend=os.environ["ACME_RESULTS_DSN"], include=["acme_jobs.work"]
+)
+queue.conf.task_routes = {"acme.square_sum": {"queue": "acme"}}
+""",
+    "src/acme_jobs/work.py": """\
+from acme_jobs.queueing import queue
+
+
+@queue.task(name="acme.square_sum")
+def square_sum(n):
+    return {"n": n, "answer": sum(i * i for i in range(n))}
+""",
+    "src/acme_jobs/web/__init__.py": "",
+    "src/acme_jobs/web/service.py": """\
+import hashlib
+import os
+from pathlib import Path
+
+import psycopg2
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from acme_jobs.queueing import queue
+from acme_jobs.work import square_sum
+
+api = FastAPI()
+
+
+class Job(BaseModel):
+    n: int
+
+
+@api.get("/")
+def index():
+    template = Path("templates/greeting.txt").read_text()
+    return {
+        "greeting": template.replace("NAME", os.environ["ACME_GREETING_NAME"]),
+        "cwd": os.getcwd(),
+        "key_sha256": hashlib.sha256(os.environ["ACME_SIGNING_KEY"].encode()).hexdigest(),
+        "libpq": psycopg2.__libpq_version__,
+    }
+
+
+@api.post("/tasks", status_code=202)
+def submit(job: Job):
+    return {"id": square_sum.delay(job.n).id}
+
+
+@api.get("/tasks/{task_id}")
+def status(task_id: str):
+    result = queue.AsyncResult(task_id)
+    return {"state": result.state, "result": result.result if result.successful() else None}
+""",
+    "deploy/templates/greeting.txt": "Hello, NAME!\n",
+}
+
+
+def constraints() -> str:
+    """The reference app's pins, with psycopg2 (built from source) for psycopg2-binary."""
+    pins = (PROJECT_DIR / "files" / "app" / "requirements.txt").read_text().splitlines()
+    return "\n".join(["psycopg2==2.9.13", *(pin for pin in pins if not pin.startswith("psycopg2-binary"))]) + "\n"
+
+
+def generate(root: Path) -> Path:
+    """The app's files, committed to a git repository and tagged v1."""
+    for name, text in {**FILES, "constraints.txt": constraints()}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    identity = ["-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    for command in (["init", "--quiet"], ["add", "."], [*identity, "commit", "--quiet", "-m", "acme"], ["tag", "v1"]):
+        subprocess.run(["git", *command], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def sdist(root: Path, directory: Path) -> Path:
+    """An sdist of the app: its tree under acme_jobs-1.0/, as `python -m build --sdist` lays it out."""
+    path = directory / "acme_jobs-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name in ["pyproject.toml", "src"]:
+            archive.add(root / name, arcname=f"acme_jobs-1.0/{name}")
+    return path
+
+
+SETTINGS = dict(
+    app_name=APP,
+    app_git_ref="v1",
+    app_requirements="pyproject.toml",
+    app_constraints="constraints.txt",
+    app_python_packages="uvicorn-worker",
+    app_system_packages="build-essential,python3-dev,libpq-dev",
+    app_workdir="deploy",
+    asgi_app="acme_jobs.web.service:api",
+    celery_app="acme_jobs.queueing:queue",
+    app_broker_url_variables="ACME_QUEUE_URL",
+    app_result_backend_variables="ACME_RESULTS_DSN",
+    app_environment=json.dumps({"ACME_GREETING_NAME": GREETING_NAME}),
+    app_secret_variables="ACME_SIGNING_KEY",
+    celery_broker="redis",
+    celery_result_backend="postgresql",
+)
+
+
+@pytest.fixture(scope="module")
+def own_app(converge, tmp_path_factory) -> Cluster:
+    root = generate(tmp_path_factory.mktemp("acme-repository"))
+    group_data = tmp_path_factory.mktemp("acme-group-data")
+    (group_data / "acme_workers.py").write_text('celery_queues = "acme,celery"\ncelery_concurrency = 3\n')
+    topology = {"acme": ["redis", "postgres", "web", "workers", "beat", "acme_workers"]}
+    with converge(
+        "own-app",
+        topology,
+        arguments=["--group-data", str(group_data)],
+        secrets={"STACK_APP_ACME_SIGNING_KEY": SIGNING_KEY},
+        app_source=f"file://{root}",
+        **SETTINGS,
+    ) as cluster:
+        cluster.root = root
+        yield cluster
+
+
+def test_deploys_and_redeploys_without_changes(own_app: Cluster):
+    fresh, again = own_app.runs[:2]
+    assert fresh.returncode == 0, fresh.stderr[-6000:]
+    assert again.returncode == 0 and again.changed == [], again.changed
+
+
+def test_task_travels_end_to_end_on_the_apps_own_queue(own_app: Cluster):
+    """The task is routed to the queue "acme", which only the group data of acme_workers makes
+    the worker consume: the check passes only if the per-group settings apply."""
+    check_task_end_to_end(own_app, reference=False)
+
+
+def test_app_runs_in_its_workdir_with_its_environment_and_secret(own_app: Cluster):
+    body = requests.get(web_url(own_app.one("web"), "/"), timeout=15).json()
+    assert body["greeting"] == f"Hello, {GREETING_NAME}!\n"
+    assert body["cwd"] == f"/opt/{APP}/src/deploy"
+    assert body["key_sha256"] == hashlib.sha256(SIGNING_KEY.encode()).hexdigest()
+    host = own_app.one("web")
+    assert host.exec(f"stat -c '%a %U:%G' /etc/{APP}/app.env").strip() == f"640 root:{APP}"
+
+
+def test_dependency_was_compiled_against_the_system_libpq(own_app: Cluster):
+    host = own_app.one("web")
+    venv = f"/opt/{APP}/venv"
+    assert host.status(f"{venv}/bin/pip show --quiet psycopg2") == 0
+    assert host.status(f"{venv}/bin/pip show --quiet psycopg2-binary") != 0  # no prebuilt wheel
+    module = host.exec(f"{venv}/bin/python -c 'import psycopg2._psycopg as m; print(m.__file__)'").strip()
+    libpq = [line for line in host.exec(f"ldd {module}").splitlines() if "libpq" in line]
+    assert libpq and all("=> /lib/" in line or "=> /usr/lib/" in line for line in libpq), libpq  # Debian's libpq5
+
+
+def test_worker_uses_the_groups_concurrency_and_the_deploys_delivery_settings(own_app: Cluster):
+    host = own_app.one("workers")
+    pid = host.exec(f"systemctl show -p MainPID --value {APP}-worker.service").strip()
+    assert len(host.exec(f"ps -o pid= --ppid {pid}").split()) == 3
+    inspect = (
+        f"runuser -u {APP} -- sh -c 'set -a && . /etc/{APP}/app.env && cd /opt/{APP}/src/deploy && "
+        f"PYTHONPATH=/opt/{APP}/lib /opt/{APP}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10'"
+    )
+    conf = next(iter(json.loads(host.exec(inspect).strip().splitlines()[-1]).values()))
+    assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["visibility_timeout"] == 7200
+    assert conf["result_backend_always_retry"] is True
+
+
+def test_same_app_from_an_sdist_replaces_the_git_deploy(own_app: Cluster, tmp_path: Path):
+    distribution = sdist(own_app.root, tmp_path)
+    (tmp_path / "constraints.txt").write_text(constraints())  # beside the sdist, on this machine
+    arguments = ["--data", f"app_source={distribution}", "--data", "app_workdir=",
+                 "--data", f"app_constraints={tmp_path / 'constraints.txt'}"]
+    run = own_app.deploy(*arguments)
+    assert run.returncode == 0, run.stderr[-6000:]
+    host = own_app.one("web")
+    assert host.status(f"test -e /opt/{APP}/src") != 0
+    assert host.exec(f"ls /opt/{APP}/dist").split() == [distribution.name]
+    check_task_end_to_end(own_app, reference=False)
+    again = own_app.deploy(*arguments)
+    assert again.returncode == 0 and again.changed == [], again.changed
