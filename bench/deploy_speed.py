@@ -53,6 +53,8 @@ def timed_deploy(cluster: Cluster) -> tuple[float, list[tuple[float, str]]]:
         raise SystemExit("deploy failed:\n" + "".join(tail))
     ended = time.monotonic()
     spans = [(later[0] - mark[0], mark[1]) for mark, later in zip(marks, marks[1:] + [(ended, "")])]
+    if marks:  # connecting, reading facts and preparing every operation, before the first runs
+        spans.append((marks[0][0] - started, "(before the first operation: connect, facts, prepare)"))
     return ended - started, sorted(spans, reverse=True)
 
 

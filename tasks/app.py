@@ -374,31 +374,42 @@ def _units(config: settings.Settings, source: Source, changes: Changes) -> None:
         if _runs(role):
             unit = units(app)[role][0]
             own = changes.flower if role == "flower" else [changes.code, *installed, *changes.libraries]
-            systemd.service(name=f"Keep {unit} enabled and running", service=unit, running=True, enabled=True)
+            started = _keep_running(unit)
             systemd.service(
                 name=f"Restart {unit} for its changed code, packages, environment or unit",
                 service=unit,
                 restarted=True,
-                _if=any_changed(*own, written[role]),
+                _if=[any_changed(*own, written[role]), _unchanged(started)],
             )
 
     if "web" in host.groups:
         socket, service = units(app)["web-socket"][0], units(app)["web"][0]
-        systemd.service(name=f"Keep {socket} enabled and listening", service=socket, running=True, enabled=True)
+        listening = _keep_running(socket)
         systemd.service(
-            name=f"Restart {socket} for its changed unit", service=socket, restarted=True, _if=written["web-socket"].did_change
+            name=f"Restart {socket} for its changed unit",
+            service=socket,
+            restarted=True,
+            _if=[written["web-socket"].did_change, _unchanged(listening)],
         )
-        systemd.service(name=f"Keep {service} enabled and running", service=service, running=True, enabled=True)
+        started = _keep_running(service)
         restart = [*installed, written["web"], written["web-socket"], *changes.libraries]
         systemd.service(
             name=f"Restart {service} for changed packages, environment, units or the deploy's modules",
             service=service,
             restarted=True,
-            _if=any_changed(*restart),
+            _if=[any_changed(*restart), _unchanged(started)],
         )
         systemd.service(
             name=f"Reload {service} gracefully for the changed code or Gunicorn configuration",
             service=service,
             reloaded=True,
-            _if=[any_changed(changes.code, changes.gunicorn_config), _unchanged(*restart)],
+            _if=[any_changed(changes.code, changes.gunicorn_config), _unchanged(*restart, started)],
         )
+
+
+def _keep_running(unit: str) -> OperationMeta:
+    """Keep ``unit`` enabled, and running: the operation that starts it, which changes only
+    when it was not running. A unit this run started runs everything this run installed, so
+    its restart is skipped (on a fresh host that spares a start followed by a restart)."""
+    systemd.service(name=f"Keep {unit} enabled", service=unit, enabled=True)
+    return systemd.service(name=f"Keep {unit} running", service=unit, running=True)
