@@ -76,8 +76,8 @@ def up() -> None:
     print(f"demo: submitted a task: POST {api}/tasks {{\"n\": 1000, \"sleep\": 1}} -> id {task}")
     body = {}
     for _ in range(60):
-        body = requests.get(f"{api}/tasks/{task}", timeout=10).json()
-        if body["state"] in ("SUCCESS", "FAILURE"):
+        body = requests.get(f"{api}/tasks/{task}", timeout=10).json()  # a 503 names what is not ready yet
+        if body.get("state") in ("SUCCESS", "FAILURE"):
             break
         time.sleep(0.5)
     print(f"demo: GET {api}/tasks/{task} -> {body}")

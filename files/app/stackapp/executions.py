@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, create_engine, func, select
+from sqlalchemy.exc import DBAPIError
 
 RESULT_URL = os.environ["CELERY_RESULT_BACKEND"]
 WAIT_SECONDS = 120
@@ -86,7 +87,12 @@ def _engine():
     global _tables_ready
     engine = _store.get()
     if not _tables_ready:
-        metadata.create_all(engine, checkfirst=True)  # a concurrent creator's error is retried
+        try:
+            metadata.create_all(engine, checkfirst=True)
+        except DBAPIError:
+            # Another process (a worker, the API) created the table at the same moment; it
+            # exists now, which the second check sees.
+            metadata.create_all(engine, checkfirst=True)
         _tables_ready = True
     return engine
 
