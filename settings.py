@@ -368,7 +368,7 @@ class Settings:
         "python3", "Python interpreter the venv is made with (a command on the hosts, e.g. python3.11).", _command
     )
     app_environment: dict[str, str] = setting(
-        {}, "Extra environment variables of every application process (not secrets: see STACK_APP_SECRETS).",
+        {}, "Extra environment variables of every application process (secrets go in app_secret_variables).",
         _environment,
     )
     app_secret_variables: list[str] = setting(
