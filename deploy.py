@@ -4,9 +4,8 @@ The whole stack: ``pyinfra inventory.py deploy.py``.
 Each host gets the base system with every package its roles need (one apt transaction), its
 firewall table (when the firewall setting is on), then the services of the inventory groups it
 is in, data services before the application, then the exporters and, on the monitoring host,
-Prometheus, Alertmanager and Grafana. Settings,
-secrets and the topology are checked first, for the whole inventory at once: bad input stops
-the run before any operation runs.
+Prometheus, Alertmanager and Grafana. Settings, secrets and the topology are checked first, for
+the whole inventory at once: bad input stops the run before any operation runs.
 """
 
 from pyinfra import host, inventory
@@ -25,13 +24,14 @@ SERVICES = {
 #: Application hosts also get psql, to check the result database from where it is used.
 APP_PACKAGES = [*app.PACKAGES, "postgresql-client"]
 
+config = settings.for_host(host)
 services = [service for service in SERVICES if service in host.groups]
 runs_app = any(group in host.groups for group in settings.APP_GROUPS)
 packages = {package for service in services for package in SERVICES[service][0]()}
 if runs_app:
-    packages.update(APP_PACKAGES, settings.for_host(host).app_system_packages)
+    packages.update(APP_PACKAGES, config.app_system_packages)
 packages.update(monitoring.packages(host.groups))
-if settings.for_host(host).firewall:
+if config.firewall:
     packages.update(firewall.PACKAGES)
 if "front" in host.groups:
     packages.update(front.PACKAGES)

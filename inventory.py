@@ -25,7 +25,8 @@ Groups: redis, rabbitmq, postgres (one host each), web, workers, beat (exactly o
 monitoring, front (nginx balancing over the web hosts). Settings shared by all hosts go in
 ``group_data/all.py``. A host may also be in groups of your own, which carry settings rather
 than roles: e.g. worker hosts in a group ``mail_workers`` with ``celery_queues = "mail"`` in
-``group_data/mail_workers.py``. A group whose name is close to a role's (``worker``) is refused as a likely typo.
+``group_data/mail_workers.py``. A group whose name is close to a role's (``worker``) is refused
+as a likely typo.
 
 Set ``STACK_HOSTS_FILE`` to a JSON file (``{"name": [[groups...], {data...}], ...}``) to use its
 hosts instead of ``HOSTS``: that is how the sandbox (``make demo``) and the tests point this
@@ -71,8 +72,9 @@ def _check(hosts: dict) -> None:
                 )
 
 
-_check(_hosts())
+_HOSTS = _hosts()
+_check(_HOSTS)
 
 # Every group of the inventory, roles and groups of your own, as pyinfra reads them.
-for _name in sorted({group for groups, _data in _hosts().values() for group in groups} | set(_GROUPS)):
-    globals()[_name] = _group(_name, _hosts())
+for _name in sorted({group for groups, _data in _HOSTS.values() for group in groups} | set(_GROUPS)):
+    globals()[_name] = _group(_name, _HOSTS)

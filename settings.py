@@ -510,11 +510,12 @@ class Settings:
                 f"celery_longest_task_seconds ({self.celery_longest_task_seconds}), or Redis hands running "
                 "tasks to a second worker; raise it"
             )
-        if source_kind(self.app_source) != "distribution" and _relative_path(self.app_constraints):
+        kind = source_kind(self.app_source)
+        if kind != "distribution" and _relative_path(self.app_constraints):
             problems.append(f"app_constraints {_relative_path(self.app_constraints)} (got {self.app_constraints!r})")
-        elif source_kind(self.app_source) == "directory":
+        elif kind == "directory":
             problems += source_tree_problems(self, PROJECT_DIR / Path(self.app_source).expanduser())
-        elif source_kind(self.app_source) == "distribution":
+        elif kind == "distribution":
             if self.app_workdir:
                 problems.append(
                     "app_workdir is set but app_source is a wheel/sdist, which has no source tree to run in; "

@@ -11,6 +11,7 @@ import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
 
@@ -109,8 +110,6 @@ def _fetch(url: str, ref: str, key: str) -> tuple[Path, str]:
 def tree_digest(root: Path, config: settings.Settings) -> str:
     """SHA-256 over the relative path and content of every file that is synced, so that a
     project installed as a package is reinstalled exactly when its code changed."""
-    from fnmatch import fnmatch
-
     file_patterns, dir_patterns = exclusions(config)
     digest = hashlib.sha256()
     for directory, subdirectories, names in os.walk(root):

@@ -8,12 +8,11 @@ moment the cases began (logs, /run and /tmp aside), no package is installed.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench import Cluster
+from bench import Cluster, git
 from conftest import bench_settings
 
 pytestmark = pytest.mark.bench
@@ -43,11 +42,10 @@ def changed_files(host) -> list[str]:
 
 
 def bad_repository(tmp_path: Path) -> str:
-    subprocess.run(["git", "init", "--quiet", str(tmp_path / "repo")], check=True)
+    (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "requirements.txt").write_text("celery\n")
-    subprocess.run(["git", "-C", str(tmp_path / "repo"), "add", "."], check=True)
-    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run(["git", "-C", str(tmp_path / "repo"), *identity, "commit", "--quiet", "-m", "x"], check=True)
+    for command in (["init", "--quiet"], ["add", "."], ["commit", "--quiet", "-m", "x"]):
+        git(*command, cwd=tmp_path / "repo")
     return f"file://{tmp_path / 'repo'}"
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets as random_secrets
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 import requests
 
-from bench import PROJECT_DIR, Cluster
+from bench import PROJECT_DIR, Cluster, git
 from clients import check_task_end_to_end, web_url
 
 pytestmark = pytest.mark.bench
@@ -129,9 +128,8 @@ def generate(root: Path) -> Path:
     for name, text in {**FILES, "constraints.txt": constraints()}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    identity = ["-c", "user.name=bench", "-c", "user.email=bench@example.com"]
-    for command in (["init", "--quiet"], ["add", "."], [*identity, "commit", "--quiet", "-m", "acme"], ["tag", "v1"]):
-        subprocess.run(["git", *command], cwd=root, check=True, capture_output=True)
+    for command in (["init", "--quiet"], ["add", "."], ["commit", "--quiet", "-m", "acme"], ["tag", "v1"]):
+        git(*command, cwd=root)
     return root
 
 

@@ -138,6 +138,7 @@ def test_every_file_holding_a_secret_is_expected_and_0640(deployed: Cluster):
         found = host.exec(
             f"grep -rlsF {patterns} /etc /opt /var /srv /root /home /tmp /usr/local /run || true"
         ).split()
-        assert sorted(found) == sorted(expected_secret_files(deployed, host)), host.name
-        for path, owners in expected_secret_files(deployed, host).items():
+        expected = expected_secret_files(deployed, host)
+        assert sorted(found) == sorted(expected), host.name
+        for path, owners in expected.items():
             assert tuple(host.exec(f"stat -c '%a %U %G' {path}").split()) == owners, (host.name, path)

@@ -6,19 +6,15 @@ project's own inventory groups; the project's secret variables. No host needed.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import inventory
 import settings
+from bench import git
 from tasks import source as app_source
 from test_settings import GOOD_SECRETS, all_in_one, no_secrets_file, validate  # noqa: F401 (autouse fixture)
-
-
-def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
@@ -28,17 +24,16 @@ def repository(tmp_path, monkeypatch) -> Path:
     app_source._fetch.cache_clear()
     work = tmp_path / "work"
     work.mkdir()
-    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
     git("init", "--quiet", "--initial-branch", "main", cwd=work)
     (work / "requirements.txt").write_text("celery==5.7.0\n")
     git("add", ".", cwd=work)
-    git(*identity, "commit", "--quiet", "-m", "one", cwd=work)
+    git("commit", "--quiet", "-m", "one", cwd=work)
     git("tag", "v1", cwd=work)
     git("checkout", "--quiet", "-b", "next", cwd=work)
     (work / "web").mkdir()
     (work / "web" / "page.html").write_text("next\n")
     git("add", ".", cwd=work)
-    git(*identity, "commit", "--quiet", "-m", "two", cwd=work)
+    git("commit", "--quiet", "-m", "two", cwd=work)
     git("checkout", "--quiet", "main", cwd=work)
     return work
 

@@ -17,6 +17,8 @@ import os
 from celery.app.utils import find_app
 
 app = find_app(os.environ["STACK_CELERY_APP"])
+#: With Redis: seconds after which a task taken but not acknowledged goes to another worker.
+VISIBILITY_TIMEOUT = int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))
 
 #: For every process that publishes tasks (the API, beat, tasks that call other tasks).
 PUBLISHER = dict(
@@ -58,7 +60,7 @@ def transport_options() -> dict:
     RabbitMQ (a publish returns once the broker has the message); with Redis, the visibility
     timeout after which an unacknowledged task goes to another worker."""
     ours = (
-        {"visibility_timeout": int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))}
+        {"visibility_timeout": VISIBILITY_TIMEOUT}
         if os.environ.get("STACK_CELERY_BROKER") == "redis"
         else {"confirm_publish": True}
     )
@@ -69,10 +71,12 @@ def apply(worker: bool) -> None:
     """Apply the settings of a publisher, and of a worker when ``worker``."""
     app.conf.update(PUBLISHER, broker_transport_options=transport_options())
     if worker:
-        visibility = {"visibility_timeout": int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))}
         app.conf.update(
             WORKER,
-            result_backend_transport_options={**(app.conf.result_backend_transport_options or {}), **visibility},
+            result_backend_transport_options={
+                **(app.conf.result_backend_transport_options or {}),
+                "visibility_timeout": VISIBILITY_TIMEOUT,
+            },
             # With a database result store: test pooled connections before use, so the first
             # store after a database restart does not fail on a dead connection.
             database_engine_options={**(app.conf.database_engine_options or {}), "pool_pre_ping": True},

@@ -92,6 +92,13 @@ def test_secrets() -> dict[str, str]:
     }
 
 
+def git(*args: str, cwd: Path) -> str:
+    """Run git in ``cwd`` as the bench's committer (no global git identity needed); its output."""
+    identity = ["-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    command = ["git", *identity, *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
 def host_ca_certificates() -> list[str]:
     """The CA certificates this machine trusts beyond Debian's (TLS-intercepting egress)."""
     return sorted(str(path) for path in Path("/usr/local/share/ca-certificates").glob("*.crt"))
