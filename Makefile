@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-down clean-bench settings-table
+.PHONY: setup check test test-fast demo demo-down clean-bench settings-table
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,18 @@ $(BIN)/.installed: requirements.txt
 setup: $(BIN)/.installed
 	sh tests/bench/ensure-host.sh
 
-## test: the whole suite: settings checks, then every topology deployed into containers
-test: setup
+## check: lint, format and types of the code (seconds, no container)
+check: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## test: the whole suite: the checks above, then every topology deployed into containers
+test: check setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## test-fast: only the checks that need no container
-test-fast: $(BIN)/.installed
+## test-fast: the checks and the tests that need no container
+test-fast: check
 	$(BIN)/pytest -m "not bench" $(PYTEST_ARGS)
 
 ## demo: the split topology in local containers, deployed with `pyinfra inventory.py deploy.py`
@@ -36,6 +42,6 @@ demo-down: $(BIN)/.installed
 clean-bench: $(BIN)/.installed
 	$(BIN)/python -c "from tests.bench import remove_all_bench_resources as clean; clean()"
 
-## settings-table: rewrite README.md's settings table from settings.py
+## settings-table: rewrite the settings table of docs/settings.md from settings/declarations.py
 settings-table: $(BIN)/.installed
-	$(BIN)/python settings.py --readme
+	$(BIN)/python -m settings --write

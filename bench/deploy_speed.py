@@ -28,9 +28,9 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(PROJECT_DIR / "tests"), str(PROJECT_DIR)]
 
-from bench import PROJECT_DIR as _ROOT, Cluster, ensure_base_image, host_ca_certificates  # noqa: E402
-from conftest import TOPOLOGIES, bench_settings  # noqa: E402
-from test_scale_out import TOPOLOGY as SCALE_OUT  # noqa: E402
+from bench import PROJECT_DIR as _ROOT
+from bench import Cluster, ensure_base_image, host_ca_certificates
+from bench.topologies import TOPOLOGIES, bench_settings
 
 OPERATION_START = "--> Starting operation: "
 
@@ -40,19 +40,24 @@ def timed_deploy(cluster: Cluster) -> tuple[float, list[tuple[float, str]]]:
     [(seconds, operation)] longest first)."""
     started = time.monotonic()
     process = subprocess.Popen(
-        cluster.command(), cwd=_ROOT, env=cluster.environment(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        cluster.command(),
+        cwd=_ROOT,
+        env=cluster.environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     marks: list[tuple[float, str]] = []
     tail: list[str] = []
     for line in process.stderr:
         tail = (tail + [line])[-40:]
         if line.startswith(OPERATION_START):
-            marks.append((time.monotonic(), line[len(OPERATION_START):].strip()))
+            marks.append((time.monotonic(), line[len(OPERATION_START) :].strip()))
     if process.wait() != 0:
         raise SystemExit("deploy failed:\n" + "".join(tail))
     ended = time.monotonic()
-    spans = [(later[0] - mark[0], mark[1]) for mark, later in zip(marks, marks[1:] + [(ended, "")])]
+    spans = [(later[0] - mark[0], mark[1]) for mark, later in zip(marks, marks[1:] + [(ended, "")], strict=True)]
     if marks:  # connecting, reading facts and preparing every operation, before the first runs
         spans.append((marks[0][0] - started, "(before the first operation: connect, facts, prepare)"))
     return ended - started, sorted(spans, reverse=True)
@@ -77,16 +82,23 @@ def floor(workdir: Path, packages: list[str]) -> float:
         for path in host_ca_certificates():
             host.container.put_archive("/usr/local/share/ca-certificates", _tar(Path(path)))
         for name in ("app", "monitoring"):
-            host.container.put_archive("/root", _tar(PROJECT_DIR / "files" / name / ("requirements.txt" if name == "app" else "flower-requirements.txt")))
+            host.container.put_archive(
+                "/root",
+                _tar(
+                    PROJECT_DIR / "files" / name / ("requirements.txt" if name == "app" else "flower-requirements.txt")
+                ),
+            )
         proxy = os.environ.get("STACK_BENCH_APT_PROXY")
-        script = " && ".join([
-            "update-ca-certificates >/dev/null",
-            *([f"echo 'Acquire::http::Proxy \"{proxy}\";' > /etc/apt/apt.conf.d/80proxy"] if proxy else []),
-            "apt-get update -qq",
-            f"DEBIAN_FRONTEND=noninteractive apt-get install -qq -y --no-install-recommends {' '.join(packages)} >/dev/null",
-            "python3 -m venv /root/app && /root/app/bin/pip install -q --cert /etc/ssl/certs/ca-certificates.crt -r /root/requirements.txt",
-            "python3 -m venv /root/flower && /root/flower/bin/pip install -q --cert /etc/ssl/certs/ca-certificates.crt -r /root/flower-requirements.txt",
-        ])
+        script = " && ".join(
+            [
+                "update-ca-certificates >/dev/null",
+                *([f"echo 'Acquire::http::Proxy \"{proxy}\";' > /etc/apt/apt.conf.d/80proxy"] if proxy else []),
+                "apt-get update -qq",
+                f"DEBIAN_FRONTEND=noninteractive apt-get install -qq -y --no-install-recommends {' '.join(packages)} >/dev/null",
+                "python3 -m venv /root/app && /root/app/bin/pip install -q --cert /etc/ssl/certs/ca-certificates.crt -r /root/requirements.txt",
+                "python3 -m venv /root/flower && /root/flower/bin/pip install -q --cert /etc/ssl/certs/ca-certificates.crt -r /root/flower-requirements.txt",
+            ]
+        )
         started = time.monotonic()
         host.exec(script)
         return time.monotonic() - started
@@ -127,7 +139,7 @@ def main() -> None:
         packages = installed_packages(aio, baseline)
         aio.destroy()
 
-        scale = new_cluster(SCALE_OUT, "scale-out", workdir)
+        scale = new_cluster(TOPOLOGIES["scale-out"], "scale-out", workdir)
         clusters.append(scale)
         six, six_spans = timed_deploy(scale)
         scale.destroy()
@@ -140,7 +152,7 @@ def main() -> None:
     rows = [
         ("(a) fresh deploy, all-in-one (1 host)", fresh),
         ("(b) no-op re-run, all-in-one", noop),
-        (f"(c) fresh deploy, scale-out ({len(SCALE_OUT)} hosts)", six),
+        (f"(c) fresh deploy, scale-out ({len(TOPOLOGIES['scale-out'])} hosts)", six),
         (f"(d) floor: bare script, same {len(packages)} packages + 2 venvs", bare),
     ]
     print("\n| What | Seconds |\n| --- | ---: |")

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from pyinfra import host, inventory
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
-
-import settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FILES_DIR = PROJECT_DIR / "files"
@@ -49,26 +46,6 @@ def render(template: str, brackets: bool = False, **context: Any) -> StringIO:
 def shipped_file(name: str) -> str:
     """Path of a static file shipped under ``files/``."""
     return str(FILES_DIR / name)
-
-
-def group_hosts(group: str) -> list:
-    """Hosts of an inventory group (empty list if the inventory has no such group)."""
-    return inventory.get_group(group, [])
-
-
-def server_of(group: str):
-    """The one host of a server group (redis, rabbitmq, postgres); validated to exist."""
-    return group_hosts(group)[0]
-
-
-def address() -> str:
-    """This host's private address."""
-    return settings.private_address(host)
-
-
-def app_host_addresses() -> list[str]:
-    """Private addresses of every host that runs application code, sorted and unique."""
-    return sorted({settings.private_address(h) for g in settings.APP_GROUPS for h in group_hosts(g)})
 
 
 def packaged_service(label: str, unit: str, changes: list[OperationMeta]) -> OperationMeta:

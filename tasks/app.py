@@ -9,28 +9,21 @@ The code comes from the app_source setting (tasks/source.py): a source tree sync
 worker, beat and Gunicorn's workers load the project's Celery app through the deploy's
 stack_celery.py, which applies the no-task-lost settings over the project's own.
 
-A re-deploy restarts or reloads only what a change concerns:
-
-| what changed                                   | web (Gunicorn) | worker  | beat    |
-| ---------------------------------------------- | -------------- | ------- | ------- |
-| application code (a synced tree)               | reload (HUP)   | restart | restart |
-| Gunicorn's config file                         | reload (HUP)   | -       | -       |
-| installed packages, environment file           | restart        | restart | restart |
-| the deploy's modules (worker class, Celery's)  | restart        | restart | restart |
-| the unit itself                                | restart        | restart | restart |
-
-A project installed as a package (pyproject.toml, wheel, sdist) is reinstalled when its code
-changes, which restarts. Flower restarts when its own venv, environment file or unit changed.
-Nothing restarts when nothing changed. A host that no longer has a role has that role's units
-stopped, disabled and removed (so a moved beat never runs twice).
+A re-deploy restarts or reloads only what a change concerns: ``UNITS`` below is the table
+(which changes restart, and which reload, each unit), and the code reads nothing else. A
+project installed as a package (pyproject.toml, wheel, sdist) is reinstalled when its code
+changes, which restarts. Nothing restarts when nothing changed; a unit this run started is not
+restarted right after. A host that no longer has a role has that role's units stopped,
+disabled and removed (so a moved beat never runs twice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from pyinfra import host
@@ -41,11 +34,11 @@ from pyinfra.operations import files, pip, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, address, group_hosts, render, server_of, shipped_file
+from tasks import FILES_DIR, render, shipped_file
 from tasks import source as app_source
+from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
 from tasks.source import Source
 
-PACKAGES = ["python3-venv"]
 #: The deploy's own modules, installed into <home>/lib: file under files/ → what it is.
 LIBRARIES = {
     "gunicorn/stack_gunicorn.py": "Gunicorn worker class (Uvicorn, drained at shutdown)",
@@ -54,52 +47,96 @@ LIBRARIES = {
 UNIT_DIR = "/etc/systemd/system"
 
 
-def _server_url(scheme: str, group: str, password: str, user_port_path) -> str:
-    """URL of the one server of ``group``: ``user_port_path`` picks the user, port and path
-    (vhost, database) from that server's own settings."""
-    server = server_of(group)
-    user, port, path = user_port_path(settings.for_host(server))
-    return f"{scheme}://{user}:{quote(password, safe='')}@{settings.private_address(server)}:{port}/{path}"
+#: What a change is called in the names of the operations it restarts or reloads.
+CHANGES = {
+    "code": "code",
+    "gunicorn_config": "Gunicorn configuration",
+    "packages": "packages",
+    "environment": "environment",
+    "libraries": "deploy's modules",
+    "flower_packages": "Flower packages",
+    "flower_environment": "Flower environment",
+    "socket": "socket unit",
+    "unit": "unit",
+}
 
 
-def broker_url(config: settings.Settings, secrets: settings.Secrets) -> str:
-    """URL of the chosen broker, with the application's credentials."""
-    if config.celery_broker == "redis":
-        return _server_url("redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_broker_db))
-    return _server_url(
-        "amqp", "rabbitmq", secrets.rabbitmq_password, lambda s: (s.rabbitmq_user, s.rabbitmq_port, s.rabbitmq_vhost)
-    )
+@dataclass(frozen=True)
+class Unit:
+    """A unit of the application tier: the role whose hosts run it, its name after
+    ``<app>-``, its template, and the changes (keys of ``CHANGES``) that restart it and those
+    that only reload it (Gunicorn's HUP: new workers, no dropped connection)."""
+
+    role: str
+    suffix: str
+    template: str
+    restart_on: tuple[str, ...]
+    reload_on: tuple[str, ...] = ()
+
+    def name(self, app: str) -> str:
+        return f"{app}-{self.suffix}"
 
 
-def result_backend_url(config: settings.Settings, secrets: settings.Secrets) -> str:
-    """URL of the chosen result store: Celery's database backend on PostgreSQL, or Redis."""
-    if config.celery_result_backend == "redis":
-        return _server_url("redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_result_db))
-    return _server_url(
-        "db+postgresql+psycopg2",
-        "postgres",
-        secrets.postgresql_password,
-        lambda s: (s.postgresql_user, s.postgresql_port, s.postgresql_database),
-    )
+#: Every unit we own, in the order they are started, and what restarts or reloads each.
+UNITS = (
+    Unit("web", "gunicorn.socket", "app/gunicorn.socket.j2", restart_on=("unit",)),
+    Unit(
+        "web",
+        "gunicorn.service",
+        "app/gunicorn.service.j2",
+        restart_on=("packages", "environment", "libraries", "socket", "unit"),
+        reload_on=("code", "gunicorn_config"),
+    ),
+    Unit(
+        "workers", "worker.service", "app/worker.service.j2", ("code", "packages", "environment", "libraries", "unit")
+    ),
+    Unit("beat", "beat.service", "app/beat.service.j2", ("code", "packages", "environment", "libraries", "unit")),
+    Unit("flower", "flower.service", "app/flower.service.j2", ("flower_packages", "flower_environment", "unit")),
+)
 
 
-def units(app: str) -> dict[str, tuple[str, str]]:
-    """Role → (unit file, template) of every unit the application tier owns."""
-    return {
-        "web-socket": (f"{app}-gunicorn.socket", "app/gunicorn.socket.j2"),
-        "web": (f"{app}-gunicorn.service", "app/gunicorn.service.j2"),
-        "workers": (f"{app}-worker.service", "app/worker.service.j2"),
-        "beat": (f"{app}-beat.service", "app/beat.service.j2"),
-        "flower": (f"{app}-flower.service", "app/flower.service.j2"),
-    }
-
-
-def _runs(role: str) -> bool:
-    """Whether this host runs ``role``'s unit: Flower, Celery's monitor whose /metrics
+def runs(node: Node, role: str) -> bool:
+    """Whether ``node`` runs ``role``'s units: Flower, Celery's monitor whose /metrics
     Prometheus scrapes, runs beside beat (one host) when there is a monitoring host."""
     if role == "flower":
-        return "beat" in host.groups and bool(group_hosts("monitoring"))
-    return ("web" if role == "web-socket" else role) in host.groups
+        return node.has("beat") and node.monitored
+    return node.has(role)
+
+
+def _server_url(wiring: Wiring, scheme: str, group: str, password: str, user_port_path) -> str:
+    """URL of the one server of ``group``: ``user_port_path`` picks the user, port and path
+    (vhost, database) from that server's own settings."""
+    server = wiring.hosts(group)[0]
+    user, port, path = user_port_path(server.config)
+    return f"{scheme}://{user}:{quote(password, safe='')}@{server.address}:{port}/{path}"
+
+
+def broker_url(run: Run) -> str:
+    """URL of the chosen broker, with the application's credentials."""
+    password = run.secrets.redis_password
+    if run.node.config.celery_broker == "redis":
+        return _server_url(run.wiring, "redis", "redis", password, lambda s: ("", s.redis_port, s.redis_broker_db))
+    return _server_url(
+        run.wiring,
+        "amqp",
+        "rabbitmq",
+        run.secrets.rabbitmq_password,
+        lambda s: (s.rabbitmq_user, s.rabbitmq_port, s.rabbitmq_vhost),
+    )
+
+
+def result_backend_url(run: Run) -> str:
+    """URL of the chosen result store: Celery's database backend on PostgreSQL, or Redis."""
+    password = run.secrets.redis_password
+    if run.node.config.celery_result_backend == "redis":
+        return _server_url(run.wiring, "redis", "redis", password, lambda s: ("", s.redis_port, s.redis_result_db))
+    return _server_url(
+        run.wiring,
+        "db+postgresql+psycopg2",
+        "postgres",
+        run.secrets.postgresql_password,
+        lambda s: (s.postgresql_user, s.postgresql_port, s.postgresql_database),
+    )
 
 
 def _unchanged(*operations: OperationMeta):
@@ -107,8 +144,8 @@ def _unchanged(*operations: OperationMeta):
 
 
 @deploy("Application")
-def application(secrets: settings.Secrets) -> None:
-    config = settings.for_host(host)
+def application(run: Run) -> None:
+    config = run.node.config
     app, home = config.app_name, config.app_home
 
     server.group(name=f"Create the system group {app}", group=app, system=True)
@@ -129,11 +166,11 @@ def application(secrets: settings.Secrets) -> None:
     code = _code(config, source)
     requirements = _venv(config, source)
     flower = flower_environment = None
-    if _runs("flower"):
+    if runs(run.node, "flower"):
         flower = _flower_venv(config)
         flower_environment = files.put(
             name="Write Flower's environment file (the broker URL, with credentials)",
-            src=render("app/app.env.j2", variables={"CELERY_BROKER_URL": broker_url(config, secrets)}),
+            src=render("app/app.env.j2", variables={"CELERY_BROKER_URL": broker_url(run)}),
             dest=f"/etc/{app}/flower.env",
             user="root",
             group=app,
@@ -141,7 +178,7 @@ def application(secrets: settings.Secrets) -> None:
         )
     environment = files.put(
         name="Write the environment file (broker and result URLs, with credentials, and the app's own)",
-        src=render("app/app.env.j2", variables=environment_variables(config, secrets)),
+        src=render("app/app.env.j2", variables=environment_variables(run)),
         dest=f"/etc/{app}/app.env",
         user="root",
         group=app,
@@ -166,21 +203,23 @@ def application(secrets: settings.Secrets) -> None:
         )
         for module, what in LIBRARIES.items()
     ]
-    changes = Changes(
-        code=code,
-        requirements=requirements,
-        environment=environment,
-        gunicorn_config=gunicorn_config,
-        libraries=libraries,
-        flower=[op for op in (flower, flower_environment) if op is not None],
-    )
-    _units(config, source, changes)
+    changes = {
+        "code": [code],
+        "gunicorn_config": [gunicorn_config],
+        "packages": [requirements] if requirements is not None else [],
+        "environment": [environment],
+        "libraries": libraries,
+        "flower_packages": [flower] if flower is not None else [],
+        "flower_environment": [flower_environment] if flower_environment is not None else [],
+    }
+    _units(run.node, source, changes)
 
 
-def environment_variables(config: settings.Settings, secrets: settings.Secrets) -> dict[str, str]:
+def environment_variables(run: Run) -> dict[str, str]:
     """Every variable of the application's environment file: the deploy's own (STACK_*, read
     by stack_celery.py), the broker and result URLs under each name the project reads them by,
     the project's own variables and its secrets."""
+    config, secrets = run.node.config, run.secrets
     variables = {
         "STACK_CELERY_APP": config.celery_app,
         "STACK_CELERY_BROKER": config.celery_broker,
@@ -189,8 +228,8 @@ def environment_variables(config: settings.Settings, secrets: settings.Secrets) 
         "STACK_VISIBILITY_TIMEOUT": str(config.redis_visibility_timeout_seconds),
         "STACK_HEARTBEAT_SECONDS": str(config.beat_heartbeat_seconds),
     }
-    variables.update(dict.fromkeys(config.app_broker_url_variables, broker_url(config, secrets)))
-    variables.update(dict.fromkeys(config.app_result_backend_variables, result_backend_url(config, secrets)))
+    variables.update(dict.fromkeys(config.app_broker_url_variables, broker_url(run)))
+    variables.update(dict.fromkeys(config.app_result_backend_variables, result_backend_url(run)))
     variables.update(config.app_environment)
     variables.update(secrets.app_variables)
     return variables
@@ -248,7 +287,9 @@ def _venv(config: settings.Settings, source: Source) -> OperationMeta | None:
     extras = " ".join(shlex.quote(requirement) for requirement in config.app_python_packages)
     commands = []
     if source.is_tree and config.app_requirements and not config.app_requirements.endswith("pyproject.toml"):
-        commands.append(f"{pip_path} install --quiet {' '.join(options)} --requirement {home}/src/{config.app_requirements} {extras}")
+        commands.append(
+            f"{pip_path} install --quiet {' '.join(options)} --requirement {home}/src/{config.app_requirements} {extras}"
+        )
         fingerprint.append((source.path / config.app_requirements).read_text())
     elif source.is_tree and config.app_requirements:
         project = str(Path(f"{home}/src/{config.app_requirements}").parent)
@@ -259,7 +300,17 @@ def _venv(config: settings.Settings, source: Source) -> OperationMeta | None:
         fingerprint.append(hashlib.sha256(source.path.read_bytes()).hexdigest())
     elif extras:
         commands.append(f"{pip_path} install --quiet {' '.join(options)} {extras}")
-    return python_venv(config, venv, "the application", config.app_python, commands, "\n".join(fingerprint), uploads)
+    return python_venv(
+        config,
+        Venv(
+            path=venv,
+            what="the application",
+            python=config.app_python,
+            commands=commands,
+            fingerprint="\n".join(fingerprint),
+            uploads=uploads,
+        ),
+    )
 
 
 def _install_project(pip_path: str, target: str, options: list[str], extras: str, copy_from: str = "") -> list[str]:
@@ -285,65 +336,64 @@ def _flower_venv(config: settings.Settings) -> OperationMeta | None:
     venv = f"{config.app_home}/flower"
     return python_venv(
         config,
-        venv,
-        "Flower",
-        "python3",
-        [f"{venv}/bin/pip install --quiet --requirement {venv}/requirements.txt"],
-        requirements.read_text(),
-        {requirements: f"{venv}/requirements.txt"},
+        Venv(
+            path=venv,
+            what="Flower",
+            python="python3",
+            commands=[f"{venv}/bin/pip install --quiet --requirement {venv}/requirements.txt"],
+            fingerprint=requirements.read_text(),
+            uploads={requirements: f"{venv}/requirements.txt"},
+        ),
     )
 
 
-def python_venv(
-    config: settings.Settings,
-    venv: str,
-    what: str,
-    python: str,
-    commands: list[str],
-    fingerprint: str,
-    uploads: dict[Path, str],
-) -> OperationMeta | None:
-    """Create ``venv`` with ``python``, upload ``uploads`` (local → remote) and run the install
-    ``commands`` only when ``fingerprint`` (what they install) or pip's configuration changed
-    since the last successful install: `pip install` runs, and reports a change, on every call,
-    so a stamp of what was installed decides, written after success only. The install
-    operation, or None when there is nothing to install."""
+@dataclass(frozen=True)
+class Venv:
+    """A venv: where, for what, made with which Python, the commands that install into it,
+    the fingerprint of what they install, and files to upload first (local → remote)."""
+
+    path: str
+    what: str
+    python: str
+    commands: list[str]
+    fingerprint: str
+    uploads: dict[Path, str] = field(default_factory=dict)
+
+
+def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
+    """Create ``venv`` with its Python, upload its files and run its install commands only
+    when its fingerprint (what they install) or pip's configuration changed since the last
+    successful install: `pip install` runs, and reports a change, on every call, so a stamp of
+    what was installed decides, written after success only. The install operation, or None
+    when there is nothing to install."""
     pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url)
-    pip.venv(name=f"Create the venv {venv} of {what}", path=venv, python=python)
-    files.put(name=f"Configure the pip of {what} (CA bundle, index)", src=pip_conf, dest=f"{venv}/pip.conf", mode="0644")
-    for local, remote in uploads.items():
+    what = venv.what
+    pip.venv(name=f"Create the venv {venv.path} of {what}", path=venv.path, python=venv.python)
+    files.put(
+        name=f"Configure the pip of {what} (CA bundle, index)", src=pip_conf, dest=f"{venv.path}/pip.conf", mode="0644"
+    )
+    for local, remote in venv.uploads.items():
         files.put(name=f"Upload {local.name} of {what}", src=str(local), dest=remote, mode="0644")
-    stamp_file = f"{venv}/.installed.sha256"
-    wanted = hashlib.sha256((fingerprint + pip_conf.getvalue()).encode()).hexdigest()
-    if not commands or (host.get_fact(FileContents, path=stamp_file) or [""])[0] == wanted:
+    stamp_file = f"{venv.path}/.installed.sha256"
+    wanted = hashlib.sha256((venv.fingerprint + pip_conf.getvalue()).encode()).hexdigest()
+    if not venv.commands or (host.get_fact(FileContents, path=stamp_file) or [""])[0] == wanted:
         return None
     return server.shell(
         name=f"Install the Python packages of {what} into its venv",
-        commands=[*commands, f"echo {wanted} > {stamp_file}"],
+        commands=[*venv.commands, f"echo {wanted} > {stamp_file}"],
     )
 
 
-@dataclass
-class Changes:
-    """The operations whose changes restart or reload the application's units."""
-
-    code: OperationMeta
-    requirements: OperationMeta | None
-    environment: OperationMeta
-    gunicorn_config: OperationMeta
-    libraries: list[OperationMeta]  # the deploy's own modules in <home>/lib
-    flower: list[OperationMeta]
-
-
-def _units(config: settings.Settings, source: Source, changes: Changes) -> None:
+def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) -> None:
     """Write the units of this host's roles, remove those of roles it no longer has, then
-    start, restart or reload each as its table in the module docstring says."""
+    start, restart or reload each as ``UNITS`` says."""
+    config = node.config
     app, home = config.app_name, config.app_home
-    context = dict(
+    context: dict[str, Any] = dict(
         app=app,
         home=home,
         workdir=f"{home}/src/{config.app_workdir}".rstrip("/") if source.is_tree else home,
-        address=address(),
+        address=node.address,
         port=config.web_port,
         asgi_app=config.asgi_app,
         concurrency=config.celery_concurrency,
@@ -352,59 +402,52 @@ def _units(config: settings.Settings, source: Source, changes: Changes) -> None:
         stop_timeout=config.worker_stop_timeout,
         flower_port=config.flower_port,
     )
-    installed = [op for op in (changes.requirements, changes.environment) if op is not None]
-
-    written: dict[str, OperationMeta] = {}
-    for role, (unit, template) in units(app).items():
-        if _runs(role):
-            written[role] = files.put(
-                name=f"Write the unit {unit}",
-                src=render(template, **context),
-                dest=f"{UNIT_DIR}/{unit}",
-                mode="0644",
+    written: dict[Unit, OperationMeta] = {}
+    for unit in UNITS:
+        path = f"{UNIT_DIR}/{unit.name(app)}"
+        if runs(node, unit.role):
+            written[unit] = files.put(
+                name=f"Write the unit {unit.name(app)}", src=render(unit.template, **context), dest=path, mode="0644"
             )
-        elif host.get_fact(File, path=f"{UNIT_DIR}/{unit}"):
-            systemd.service(name=f"Stop {unit}: this host no longer has that role", service=unit, running=False, enabled=False)
-            written[role] = files.file(name=f"Remove the unit {unit}", path=f"{UNIT_DIR}/{unit}", present=False)
+        elif host.get_fact(File, path=path):
+            systemd.service(
+                name=f"Stop {unit.name(app)}: this host no longer has that role",
+                service=unit.name(app),
+                running=False,
+                enabled=False,
+            )
+            written[unit] = files.file(name=f"Remove the unit {unit.name(app)}", path=path, present=False)
     if not written:
         return
     systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
 
-    for role in ("workers", "beat", "flower"):
-        if _runs(role):
-            unit = units(app)[role][0]
-            own = changes.flower if role == "flower" else [changes.code, *installed, *changes.libraries]
-            started = _keep_running(unit)
-            systemd.service(
-                name=f"Restart {unit} for its changed code, packages, environment or unit",
-                service=unit,
-                restarted=True,
-                _if=[any_changed(*own, written[role]), _unchanged(started)],
-            )
-
-    if "web" in host.groups:
-        socket, service = units(app)["web-socket"][0], units(app)["web"][0]
-        listening = _keep_running(socket)
+    sockets = [operation for unit, operation in written.items() if unit.suffix.endswith(".socket")]
+    for unit in UNITS:
+        if not runs(node, unit.role):
+            continue
+        own = {**changes, "unit": [written[unit]], "socket": sockets}
+        restart = [operation for change in unit.restart_on for operation in own[change]]
+        reload = [operation for change in unit.reload_on for operation in own[change]]
+        started = _keep_running(unit.name(app))
         systemd.service(
-            name=f"Restart {socket} for its changed unit",
-            service=socket,
-            restarted=True,
-            _if=[written["web-socket"].did_change, _unchanged(listening)],
-        )
-        started = _keep_running(service)
-        restart = [*installed, written["web"], written["web-socket"], *changes.libraries]
-        systemd.service(
-            name=f"Restart {service} for changed packages, environment, units or the deploy's modules",
-            service=service,
+            name=f"Restart {unit.name(app)} for its changed {_changes(unit.restart_on)}",
+            service=unit.name(app),
             restarted=True,
             _if=[any_changed(*restart), _unchanged(started)],
         )
-        systemd.service(
-            name=f"Reload {service} gracefully for the changed code or Gunicorn configuration",
-            service=service,
-            reloaded=True,
-            _if=[any_changed(changes.code, changes.gunicorn_config), _unchanged(*restart, started)],
-        )
+        if reload:
+            systemd.service(
+                name=f"Reload {unit.name(app)} gracefully for its changed {_changes(unit.reload_on)}",
+                service=unit.name(app),
+                reloaded=True,
+                _if=[any_changed(*reload), _unchanged(*restart, started)],
+            )
+
+
+def _changes(names: tuple[str, ...]) -> str:
+    """``("code", "unit")`` → "code or unit", for the operations' names."""
+    words = [CHANGES[name] for name in names]
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def _keep_running(unit: str) -> OperationMeta:
@@ -413,3 +456,25 @@ def _keep_running(unit: str) -> OperationMeta:
     its restart is skipped (on a fresh host that spares a start followed by a restart)."""
     systemd.service(name=f"Keep {unit} enabled", service=unit, enabled=True)
     return systemd.service(name=f"Keep {unit} running", service=unit, running=True)
+
+
+def _ports(node: Node) -> list[Port]:
+    config, ports = node.config, []
+    if node.has("web"):
+        # Clients come through the front when there is one.
+        clients = ("front",) if "front" in node.inventory_groups else ANYONE
+        ports.append(Port(config.web_port, "the application (Gunicorn)", clients=clients, scrapes=(Scrape("app"),)))
+    if runs(node, "flower"):
+        ports.append(Port(config.flower_port, "Flower", scrapes=(Scrape("flower"),)))
+    return ports
+
+
+SERVICE = Service(
+    name="application",
+    groups=settings.APP_GROUPS,
+    # psql checks the result database from where it is used.
+    packages=lambda node: ["python3-venv", "postgresql-client", *node.config.app_system_packages],
+    units=lambda node: [unit.name(node.config.app_name) for unit in UNITS if runs(node, unit.role)],
+    ports=_ports,
+    deploy=application,
+)

@@ -15,7 +15,7 @@ from pyinfra.facts.files import FindFiles
 from pyinfra.operations import apt, files, server
 from pyinfra.operations.util import any_changed
 
-import settings
+from tasks.service import Run, Service
 
 APT_PROXY_FILE = "/etc/apt/apt.conf.d/80stack-proxy"
 APT_LOCK_FILE = "/etc/apt/apt.conf.d/80stack-lock-timeout"
@@ -33,9 +33,11 @@ def ca_certificate_name(path: str) -> str:
 
 
 @deploy("Base system")
-def base_system(packages: list[str]) -> None:
-    """Configure apt and certificates, then install ``packages`` in one apt transaction."""
-    config = settings.for_host(host)
+def base_system(run: Run) -> None:
+    """Configure apt and certificates, then install every package of this host's services in
+    one apt transaction."""
+    config = run.node.config
+    packages = run.wiring.packages(run.node)
 
     if config.apt_proxy:
         files.put(
@@ -101,3 +103,6 @@ def _recover_interrupted_apt() -> None:
                 "done; exit 1"
             ],
         )
+
+
+SERVICE = Service(name="base", deploy=base_system)

@@ -11,36 +11,41 @@ connection); a broken one stops the deploy with nginx's own message.
 
 from __future__ import annotations
 
-from pyinfra import host
+from io import StringIO
+
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-import settings
-from tasks import group_hosts, render
+from tasks import render
+from tasks.service import ANYONE, Port, Run, Service, Wiring
 
-PACKAGES = ["nginx"]
 SITE = "/etc/nginx/sites-available/stack.conf"
 
 
-def upstream_servers() -> list[str]:
+def upstream_servers(wiring: Wiring) -> list[str]:
     """``address:port`` of every web host, sorted."""
-    return sorted(f"{settings.private_address(h)}:{settings.for_host(h).web_port}" for h in group_hosts("web"))
+    return sorted(f"{node.address}:{node.config.web_port}" for node in wiring.hosts("web"))
+
+
+def site_file(run: Run) -> StringIO:
+    """nginx's site of this front host."""
+    config = run.node.config
+    return render(
+        "nginx/stack.conf.j2",
+        app=config.app_name,
+        servers=upstream_servers(run.wiring),
+        port=config.front_port,
+        max_fails=1,
+        fail_timeout=config.front_fail_timeout_seconds,
+    )
 
 
 @deploy("Front (nginx)")
-def front() -> None:
-    config = settings.for_host(host)
+def front(run: Run) -> None:
     site = files.put(
         name="Write the front's site (upstreams: every web host)",
-        src=render(
-            "nginx/stack.conf.j2",
-            app=config.app_name,
-            servers=upstream_servers(),
-            port=config.front_port,
-            max_fails=1,
-            fail_timeout=config.front_fail_timeout_seconds,
-        ),
+        src=site_file(run),
         dest=SITE,
         mode="0644",
     )
@@ -50,3 +55,13 @@ def front() -> None:
     server.shell(name="Check nginx's configuration (nginx -t)", commands=["nginx -t -q"], _if=changed)
     systemd.service(name="Keep nginx enabled and running", service="nginx", running=True, enabled=True)
     systemd.service(name="Reload nginx for the changed site", service="nginx", reloaded=True, _if=changed)
+
+
+SERVICE = Service(
+    name="front",
+    groups=("front",),
+    packages=lambda node: ["nginx"],
+    units=lambda node: ["nginx.service"],
+    ports=lambda node: [Port(node.config.front_port, "HTTP (the public entry)", clients=ANYONE)],
+    deploy=front,
+)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
-from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, address, packaged_service, render
+from tasks import FILES_DIR, packaged_service, render
+from tasks.service import Port, Run, Service
 
 KEYRING = "/etc/apt/keyrings/grafana.asc"
 PROVISIONING = "/etc/grafana/provisioning"
@@ -48,14 +49,17 @@ def _install(config: settings.Settings) -> None:
         return
     files.directory(name="Create apt's directory of repository keys", path="/etc/apt/keyrings", mode="0755")
     key = files.download(
-        name="Download the signing key of Grafana's APT repository", src=config.grafana_apt_key_url, dest=KEYRING, mode="0644"
+        name="Download the signing key of Grafana's APT repository",
+        src=config.grafana_apt_key_url,
+        dest=KEYRING,
+        mode="0644",
     )
     source = apt.repo(name="Add Grafana's APT repository", src=repository_line(config), filename="grafana")
     apt.update(name="Refresh apt's package lists for Grafana's repository", _if=any_changed(key, source))
     apt.packages(name="Install Grafana", packages=["grafana"], no_recommends=True)
 
 
-def _provision(what: str, template: str, kind: str, **context: str) -> OperationMeta:
+def _provision(what: str, template: str, kind: str, **context: Any) -> OperationMeta:
     """One of Grafana's provisioning files: ``<provisioning>/<kind>/stack.yaml``."""
     return files.put(
         name=f"Provision {what}",
@@ -68,16 +72,17 @@ def _provision(what: str, template: str, kind: str, **context: str) -> Operation
 
 
 @deploy("Grafana")
-def grafana_server(secrets: settings.Secrets) -> None:
-    config = settings.for_host(host)
-    if config.grafana == "none":
-        return
+def grafana_server(run: Run) -> None:
+    config, secrets, address = run.node.config, run.secrets, run.node.address
     _install(config)
-    prometheus = f"{address()}:{config.prometheus_port}"
+    prometheus = f"{address}:{config.prometheus_port}"
     environment = files.put(
         name="Write Grafana's settings (private address, admin password)",
         src=render(
-            "grafana/grafana.env.j2", address=address(), port=config.grafana_port, admin_password=secrets.grafana_admin_password
+            "grafana/grafana.env.j2",
+            address=address,
+            port=config.grafana_port,
+            admin_password=secrets.grafana_admin_password,
         ),
         dest="/etc/grafana/stack.env",
         user="root",
@@ -108,3 +113,15 @@ def grafana_server(secrets: settings.Secrets) -> None:
         ),
     ]
     packaged_service("Grafana", UNIT, changes)
+
+
+SERVICE = Service(
+    name="grafana",
+    groups=("monitoring",),
+    when=lambda node: node.config.grafana != "none",
+    # curl fetches the repository's signing key (files.download).
+    packages=lambda node: ["curl"] if node.config.grafana == "apt" else [],
+    units=lambda node: [f"{UNIT}.service"],
+    ports=lambda node: [Port(node.config.grafana_port, "Grafana")],
+    deploy=grafana_server,
+)

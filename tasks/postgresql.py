@@ -17,37 +17,37 @@ import hashlib
 import hmac
 import ipaddress
 import os
+from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
-from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import files, postgresql, systemd
+from pyinfra.operations import files, postgres, systemd
 
 import settings
-from tasks import address, app_host_addresses, packaged_service, render
+from tasks import packaged_service, render
+from tasks.service import Node, Port, Run, Service
 
 #: Default PostgreSQL major version of each release, as its "postgresql" package installs.
 DEFAULT_VERSIONS = {("Debian", 12): "15", ("Debian", 13): "17", ("Ubuntu", 22): "14", ("Ubuntu", 24): "16"}
 SCRAM_ITERATIONS = 4096
 
 
-def version() -> str:
-    """PostgreSQL major version on this host: the setting, or the release's default."""
-    configured = settings.for_host(host).postgresql_version
-    if configured != "auto":
-        return configured
-    distribution = host.get_fact(LinuxDistribution)
-    key = (distribution["name"], distribution["major"])
-    if key not in DEFAULT_VERSIONS:
+def version(node: Node) -> str:
+    """PostgreSQL major version on ``node``: the setting, or its release's default."""
+    if node.config.postgresql_version != "auto":
+        return node.config.postgresql_version
+    release = node.release()
+    if release not in DEFAULT_VERSIONS:
         raise settings.SettingsError(
-            f"host {host.name}: no known default PostgreSQL version for {key[0]} {key[1]}; "
+            f"host {node.name}: no known default PostgreSQL version for {release[0]} {release[1]}; "
             "set postgresql_version (e.g. in group_data/all.py)"
         )
-    return DEFAULT_VERSIONS[key]
+    return DEFAULT_VERSIONS[release]
 
 
-def packages() -> list[str]:
-    return [f"postgresql-{version()}"]
+def unit(node: Node) -> str:
+    """The packaged unit of the cluster Debian creates: postgresql@<major>-main."""
+    return f"postgresql@{version(node)}-main"
 
 
 class PostgresValue(FactBase):
@@ -81,6 +81,8 @@ def scram_verifier(password: str, salt: bytes | None = None, iterations: int = S
 
 def scram_matches(password: str, verifier: str | None) -> bool:
     """Whether ``verifier`` was made from ``password``."""
+    if verifier is None:
+        return False
     try:
         method, rest = verifier.split("$", 1)
         params, keys = rest.split("$")
@@ -98,16 +100,15 @@ def _cidr(ip: str) -> str:
 
 
 @deploy("PostgreSQL")
-def postgresql_server(secrets: settings.Secrets) -> None:
-    config = settings.for_host(host)
-    major = version()
-    config_dir = f"/etc/postgresql/{major}/main"
-    service = f"postgresql@{major}-main"
-    psql = dict(psql_port=config.postgresql_port, _sudo_user="postgres")
+def postgresql_server(run: Run) -> None:
+    config, secrets = run.node.config, run.secrets
+    config_dir = f"/etc/postgresql/{version(run.node)}/main"
+    service = unit(run.node)
+    psql: dict[str, Any] = dict(psql_port=config.postgresql_port, _sudo_user="postgres")
 
     our_config = files.put(
         name="Write our PostgreSQL settings (listen address, port, SCRAM)",
-        src=render("postgresql.conf.j2", address=address(), port=config.postgresql_port),
+        src=render("postgresql.conf.j2", address=run.node.address, port=config.postgresql_port),
         dest=f"{config_dir}/conf.d/50-stack.conf",
         user="postgres",
         group="postgres",
@@ -120,8 +121,10 @@ def postgresql_server(secrets: settings.Secrets) -> None:
             "pg_hba.block.j2",
             database=config.postgresql_database,
             user=config.postgresql_user,
-            cidrs=["127.0.0.1/32"] + [_cidr(ip) for ip in app_host_addresses()],
-        ).getvalue().strip(),
+            cidrs=["127.0.0.1/32"] + [_cidr(ip) for ip in sorted(run.wiring.addresses(settings.APP_GROUPS))],
+        )
+        .getvalue()
+        .strip(),
         marker="# {mark} celery application access, managed by the deploy",
     )
     packaged_service("PostgreSQL", service, [our_config])
@@ -132,7 +135,7 @@ def postgresql_server(secrets: settings.Secrets) -> None:
         _if=hba.did_change,
     )
 
-    postgresql.role(name=f"Create role {config.postgresql_user}", role=config.postgresql_user, login=True, **psql)
+    postgres.role(name=f"Create role {config.postgresql_user}", role=config.postgresql_user, login=True, **psql)
     verifier = host.get_fact(
         PostgresValue,
         sql=f"SELECT rolpassword FROM pg_authid WHERE rolname = '{config.postgresql_user}'",
@@ -140,15 +143,27 @@ def postgresql_server(secrets: settings.Secrets) -> None:
         _sudo_user="postgres",
     )
     if not scram_matches(secrets.postgresql_password, verifier):
-        postgresql.sql(
+        postgres.sql(
             name=f"Set the password of role {config.postgresql_user}",
             sql=f"ALTER ROLE \"{config.postgresql_user}\" PASSWORD '{scram_verifier(secrets.postgresql_password)}'",
             **psql,
         )
-    postgresql.database(
+    postgres.database(
         name=f"Create database {config.postgresql_database} owned by {config.postgresql_user}",
         database=config.postgresql_database,
         owner=config.postgresql_user,
         encoding="UTF8",
         **psql,
     )
+
+
+SERVICE = Service(
+    name="postgres",
+    groups=("postgres",),
+    single=True,
+    packages=lambda node: [f"postgresql-{version(node)}"],
+    units=lambda node: [f"{unit(node)}.service"],
+    # Open to the application hosts whatever the result store (see tasks/redis.py).
+    ports=lambda node: [Port(node.config.postgresql_port, "PostgreSQL", clients=settings.APP_GROUPS)],
+    deploy=postgresql_server,
+)

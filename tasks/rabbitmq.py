@@ -23,12 +23,15 @@ from pyinfra.api import FactBase, QuoteString, StringCommand, deploy
 from pyinfra.operations import files, server
 
 import settings
-from tasks import address, packaged_service, render
+from tasks import packaged_service, render
+from tasks.service import Node, Port, Run, Scrape, Service
 
-PACKAGES = ["rabbitmq-server"]
-SERVICE = "rabbitmq-server"
+UNIT = "rabbitmq-server"
 PLUGINS = ["rabbitmq_prometheus"]
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+#: Erlang's port mapper and RabbitMQ's distribution port: this deploy runs no RabbitMQ cluster,
+#: so only the host itself (rabbitmqctl) talks to them.
+ERLANG_PORTS = (4369, 25672)
 
 
 class RabbitmqDefinitions(FactBase):
@@ -60,21 +63,19 @@ def password_matches(password: str, stored: str) -> bool:
 def wanted_definitions(current: dict | None, vhost: str, user: str, password: str) -> dict | None:
     """Definitions to import so the vhost, the user (with this password) and its permissions
     exist; None when the node already has them."""
-    current = current or {}
-    users = {u["name"]: u for u in current.get("users", [])}
-    existing = users.get(user)
+    definitions = current or {}
+    users = {u["name"]: u for u in definitions.get("users", [])}
+    existing = users.get(user, {})
     permission = {"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
 
-    password_ok = (
-        existing is not None
-        and existing.get("hashing_algorithm") == HASHING_ALGORITHM
-        and password_matches(password, existing.get("password_hash", ""))
+    password_ok = existing.get("hashing_algorithm") == HASHING_ALGORITHM and password_matches(
+        password, existing.get("password_hash", "")
     )
     if (
         password_ok
         and existing.get("tags") in ([], "")
-        and any(v["name"] == vhost for v in current.get("vhosts", []))
-        and permission in current.get("permissions", [])
+        and any(v["name"] == vhost for v in definitions.get("vhosts", []))
+        and permission in definitions.get("permissions", [])
     ):
         return None
     return {
@@ -93,14 +94,14 @@ def wanted_definitions(current: dict | None, vhost: str, user: str, password: st
 
 
 @deploy("RabbitMQ")
-def rabbitmq_server(secrets: settings.Secrets) -> None:
-    config = settings.for_host(host)
+def rabbitmq_server(run: Run) -> None:
+    config, secrets = run.node.config, run.secrets
 
     our_config = files.put(
         name="Write our RabbitMQ settings (listeners, limits, consumer timeout)",
         src=render(
             "rabbitmq.conf.j2",
-            address=address(),
+            address=run.node.address,
             port=config.rabbitmq_port,
             prometheus_port=config.rabbitmq_prometheus_port,
             vm_memory_high_watermark=config.rabbitmq_vm_memory_high_watermark,
@@ -120,7 +121,7 @@ def rabbitmq_server(secrets: settings.Secrets) -> None:
         group="rabbitmq",
         mode="0644",
     )
-    restart = packaged_service("RabbitMQ", SERVICE, [our_config, plugins])
+    restart = packaged_service("RabbitMQ", UNIT, [our_config, plugins])
     server.shell(
         name="Wait until RabbitMQ accepts commands",
         commands=["rabbitmqctl -q await_startup --timeout 120"],
@@ -132,8 +133,11 @@ def rabbitmq_server(secrets: settings.Secrets) -> None:
     if wanted:
         server.shell(
             name=f"Create or update vhost {config.rabbitmq_vhost} and user {config.rabbitmq_user}",
+            # A StringCommand quotes the JSON for the shell (pyinfra's hint says str only).
             commands=[
-                StringCommand("printf '%s'", QuoteString(json.dumps(wanted)), "| rabbitmqctl -q import_definitions")
+                StringCommand(  # type: ignore[list-item]
+                    "printf '%s'", QuoteString(json.dumps(wanted)), "| rabbitmqctl -q import_definitions"
+                )
             ],
         )
     if current is None or any(u["name"] == "guest" for u in current.get("users", [])):
@@ -141,3 +145,29 @@ def rabbitmq_server(secrets: settings.Secrets) -> None:
             name="Delete the guest user",
             commands=["rabbitmqctl -q list_users | grep -q '^guest\\b' && rabbitmqctl -q delete_user guest || true"],
         )
+
+
+def _ports(node: Node) -> list[Port]:
+    config = node.config
+    queues = Scrape(
+        "rabbitmq-queues",
+        path="/metrics/detailed",
+        params={"family": ["queue_coarse_metrics", "queue_consumer_count"], "vhost": [config.rabbitmq_vhost]},
+    )
+    return [
+        # Open to the application hosts whatever the broker (see tasks/redis.py).
+        Port(config.rabbitmq_port, "AMQP", clients=settings.APP_GROUPS),
+        Port(config.rabbitmq_prometheus_port, "RabbitMQ's metrics", scrapes=(Scrape("rabbitmq"), queues)),
+        *(Port(number, "Erlang distribution") for number in ERLANG_PORTS),
+    ]
+
+
+SERVICE = Service(
+    name="rabbitmq",
+    groups=("rabbitmq",),
+    single=True,
+    packages=lambda node: ["rabbitmq-server"],
+    units=lambda node: [f"{UNIT}.service"],
+    ports=_ports,
+    deploy=rabbitmq_server,
+)

@@ -82,9 +82,16 @@ def _fetch(url: str, ref: str, key: str) -> tuple[Path, str]:
     try:
         _git("init", "--quiet", cwd=checkout)
         _git(
-            "fetch", "--quiet", "--force", "--tags", "--prune", url,
-            "+refs/heads/*:refs/remotes/origin/*", "+HEAD:refs/remotes/origin/HEAD",
-            cwd=checkout, key=key,
+            "fetch",
+            "--quiet",
+            "--force",
+            "--tags",
+            "--prune",
+            url,
+            "+refs/heads/*:refs/remotes/origin/*",
+            "+HEAD:refs/remotes/origin/HEAD",
+            cwd=checkout,
+            key=key,
         )
     except subprocess.CalledProcessError as error:
         raise settings.SettingsError(

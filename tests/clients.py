@@ -8,30 +8,24 @@ from __future__ import annotations
 import json
 import threading
 import time
+from itertools import pairwise
 
 import pika
 import redis
 import requests
 
 from bench import Cluster, Host
+from settings import APP_GROUPS
+from tasks import registry
 
 REDIS_PORT, AMQP_PORT, PG_PORT, WEB_PORT = 6379, 5672, 5432, 8000
 REDIS_BROKER_DB, REDIS_RESULT_DB = 0, 1
 APP = "stackapp"
+#: Group → the units of the stack's own services that its hosts run (as the service declarations
+#: of tasks/ say, with the default settings on the bench's Debian release; monitoring apart).
+MANAGED_UNITS = registry.units_by_group(("redis", "rabbitmq", "postgres", "web", "workers", "beat"))
 #: Group → the application units its hosts run.
-APP_UNITS = {
-    "web": [f"{APP}-gunicorn.socket", f"{APP}-gunicorn.service"],
-    "workers": [f"{APP}-worker.service"],
-    "beat": [f"{APP}-beat.service"],
-}
-#: Group → the packaged services its host runs (PostgreSQL: Debian 12's default version).
-DATA_UNITS = {
-    "redis": ["redis-server.service"],
-    "rabbitmq": ["rabbitmq-server.service"],
-    "postgres": ["postgresql@15-main.service"],
-}
-#: Every unit the deploy manages, by group.
-MANAGED_UNITS = {**DATA_UNITS, **APP_UNITS}
+APP_UNITS = {group: MANAGED_UNITS[group] for group in APP_GROUPS}
 
 
 def wait_until(check, timeout: float = 60, interval: float = 0.5):
@@ -107,12 +101,15 @@ def stored_result(cluster: Cluster, task_id: str, backend: str = "postgresql") -
         meta = json.loads(raw) if raw else {}
         return f"{meta.get('status')} {meta.get('name')} {meta.get('worker')}"
     return psql_from(
-        cluster.one("workers"), cluster,
+        cluster.one("workers"),
+        cluster,
         f"SELECT concat_ws(' ', status, name, worker) FROM celery_taskmeta WHERE task_id = '{task_id}'",
     )
 
 
-def check_task_end_to_end(cluster: Cluster, n: int = 1234, backend: str = "postgresql", reference: bool = True) -> list[str]:
+def check_task_end_to_end(
+    cluster: Cluster, n: int = 1234, backend: str = "postgresql", reference: bool = True
+) -> list[str]:
     """Submit a task through every web host; each must come back right through the API and be
     in the result store (PostgreSQL's Celery table, or Redis). The task ids.
 
@@ -149,7 +146,7 @@ class RequestLoop:
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> "RequestLoop":
+    def __enter__(self) -> RequestLoop:
         self.started_at = time.monotonic()
         for thread in self.threads:
             thread.start()
@@ -164,7 +161,7 @@ class RequestLoop:
     def longest_gap(self) -> float:
         """Longest time between two successful answers (or from the start, or until the end)."""
         moments = [self.started_at, *sorted(self.answered_at), self.stopped_at]
-        return max(later - earlier for earlier, later in zip(moments, moments[1:]))
+        return max(later - earlier for earlier, later in pairwise(moments))
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.limit

@@ -8,55 +8,31 @@ and the journals of the failed (and systemd-restarted) units of every topology i
 
 from __future__ import annotations
 
-import os
-import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import Cluster, ensure_base_image
+from bench.fakes import SECRET_VARIABLES
+from bench.receiver import AlertReceiver
+from bench.topologies import SHARED, TOPOLOGIES, bench_settings
+from settings import SECRETS_FILE_VARIABLE, validate
 
-from bench import Cluster, ensure_base_image, host_ca_certificates  # noqa: E402
-from bench.receiver import AlertReceiver  # noqa: E402
 
-#: Topologies: host name → inventory groups. Same code, one host or several.
-TOPOLOGIES = {
-    "all-in-one": {"aio": ["redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring"]},
-    "split": {"data": ["redis", "rabbitmq", "postgres", "monitoring"], "app": ["web", "workers", "beat"]},
-}
+@pytest.fixture
+def no_secrets_file(monkeypatch, tmp_path):
+    """No secret but those a test sets: no secrets file, none of the deploy's variables, and
+    the run-once validation forgotten."""
+    monkeypatch.setenv(SECRETS_FILE_VARIABLE, str(tmp_path / "absent.env"))
+    for variable in SECRET_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    validate.cache_clear()
 
 
 @pytest.fixture(scope="session")
 def base_image() -> str:
     return ensure_base_image()
-
-
-def bench_settings(**overrides: str) -> dict[str, str]:
-    """Settings the bench passes with --data, as a user would on the command line."""
-    data = {
-        # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
-        "beat_heartbeat_seconds": "5",
-        # Alerts within seconds rather than minutes, so the alert tests wait little.
-        "prometheus_scrape_interval": "5s",
-        "prometheus_evaluation_interval": "5s",
-        "alert_for": "10s",
-        "alertmanager_group_wait": "5s",
-        "alertmanager_group_interval": "10s",
-        # Grafana's package cannot be obtained on our machines (see tests/test_monitoring.py).
-        "grafana": "none",
-        # The host firewall on, with this machine (the network's gateway) as the admin source
-        # from which the tests reach every service (set once the network exists).
-        "firewall": "true",
-    }
-    certificates = host_ca_certificates()
-    if certificates:
-        data["extra_ca_certificates"] = ",".join(certificates)
-    if os.environ.get("STACK_BENCH_APT_PROXY"):
-        data["apt_proxy"] = os.environ["STACK_BENCH_APT_PROXY"]
-    return {**data, **overrides}
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +73,7 @@ def converge(base_image, tmp_path_factory):
     return converged
 
 
-@pytest.fixture(scope="session", params=sorted(TOPOLOGIES))
+@pytest.fixture(scope="session", params=SHARED)
 def deployed(request, converge) -> Cluster:
     """A topology, created and converged, then deployed a second time (the idempotence run)."""
     with converge(request.param, TOPOLOGIES[request.param]) as cluster:

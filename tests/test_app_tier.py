@@ -53,8 +53,13 @@ def test_beat_runs_on_exactly_one_host_and_its_heartbeats_arrive(deployed: Clust
     running = [h for h in deployed.hosts.values() if h.status(f"systemctl is-active -q {APP}-beat.service") == 0]
     assert [h.name for h in running] == [h.name for h in deployed.by_group("beat")] and len(running) == 1
     count = wait_until(
-        lambda: int(psql_from(deployed.one("workers"), deployed,
-                              "SELECT count(*) FROM celery_taskmeta WHERE name = 'stackapp.heartbeat' AND status = 'SUCCESS'")),
+        lambda: int(
+            psql_from(
+                deployed.one("workers"),
+                deployed,
+                "SELECT count(*) FROM celery_taskmeta WHERE name = 'stackapp.heartbeat' AND status = 'SUCCESS'",
+            )
+        ),
         timeout=60,
     )
     assert count >= 1
@@ -108,12 +113,18 @@ def test_code_change_reloads_gunicorn_without_a_failed_request(deployed: Cluster
     try:
         assert run.returncode == 0, run.stderr[-6000:]
         names = {change.split(" @ ")[0] for change in run.changed}
-        assert f"Application | Reload {APP}-gunicorn.service gracefully for the changed code or Gunicorn configuration" in names
+        assert (
+            f"Application | Reload {APP}-gunicorn.service gracefully for its changed code or Gunicorn configuration"
+            in names
+        )
         assert not any("Restart stackapp-gunicorn" in name for name in names), names
         assert {host.name: _gunicorn_pid(host) for host in webs} == pids, "Gunicorn was restarted, not reloaded"
         assert loop.failures == [], f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}"
         assert loop.ok > 20
-        assert wait_until(lambda: {requests.get(web_url(h, "/"), timeout=10).json()["release"] for h in webs} == {"reference-2"}, timeout=30)
+        assert wait_until(
+            lambda: {requests.get(web_url(h, "/"), timeout=10).json()["release"] for h in webs} == {"reference-2"},
+            timeout=30,
+        )
         check_task_end_to_end(deployed)
     finally:
         restore = deployed.deploy()  # back to the shipped code, for the tests that follow
@@ -131,5 +142,7 @@ def test_repeated_graceful_reloads_under_load_fail_no_request(deployed: Cluster)
             for host in webs:
                 host.exec(f"systemctl reload {APP}-gunicorn.service")
         time.sleep(3)
-    assert loop.failures == [], f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}: {loop.failures[:3]}"
+    assert loop.failures == [], (
+        f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}: {loop.failures[:3]}"
+    )
     assert loop.ok > 200

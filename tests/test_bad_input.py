@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import Cluster, git
-from conftest import bench_settings
+from bench.topologies import bench_settings
 
 pytestmark = pytest.mark.bench
 
@@ -57,12 +57,14 @@ def regrouped(groups: list[str]):
     def change(inventory: dict, cluster: Cluster) -> dict:
         name, (_, data) = first_entry(inventory)
         return {name: [groups, data]}
+
     return change
 
 
 def with_second_host(groups: list[str], reachable: bool):
     """The pristine host plus another entry: the same container under a second name, or an
     address of the bench's own network where no container runs."""
+
     def change(inventory: dict, cluster: Cluster) -> dict:
         name, (_, data) = first_entry(inventory)
         free = ".".join(name.split(".")[:3] + ["250"])
@@ -71,48 +73,103 @@ def with_second_host(groups: list[str], reachable: bool):
             second["ssh_hostname"] = name
         inventory["twin" if reachable else free] = [groups, second]
         return inventory
+
     return change
 
 
 # (id, --data, environment, inventory change, expected words of the error)
 CASES = [
-    ("missing secret", {}, {"STACK_REDIS_PASSWORD": ""}, None,
-     "STACK_REDIS_PASSWORD is missing or empty"),
-    ("default password", {}, {"STACK_RABBITMQ_PASSWORD": "guest"}, None,
-     "STACK_RABBITMQ_PASSWORD is a default or placeholder value"),
-    ("weak password", {}, {"STACK_POSTGRESQL_PASSWORD": "hunter2"}, None,
-     "STACK_POSTGRESQL_PASSWORD is shorter than 16 characters"),
-    ("typo in a setting's name", {"redis_prot": "6380"}, {}, None,
-     "unknown setting 'redis_prot'; did you mean redis_port?"),
-    ("invalid port", {"web_port": "80000"}, {}, None,
-     "web_port must be a TCP port between 1 and 65535 (got 80000)"),
-    ("setting of the wrong type", {"celery_concurrency": "many"}, {}, None,
-     "celery_concurrency must be of type int, not str ('many')"),
-    ("longest task beyond the broker's consumer timeout", {"celery_longest_task_seconds": "4000"}, {}, None,
-     "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000) in ms"),
-    ("application path that does not exist", {"app_source": "/nonexistent/app"}, {}, None,
-     "app_source must be a directory or a wheel/sdist file on this machine, or a git URL"),
-    ("malformed CA file", {"extra_ca_certificates": "MALFORMED_CA"}, {}, None,
-     "is not a valid PEM certificate"),
-    ("git ref that does not exist", {"app_source": "BAD_REPOSITORY", "app_git_ref": "release-9"}, {}, None,
-     "app_git_ref 'release-9' is neither a branch, a tag nor a commit"),
-    ("firewall source that is no network", {"firewall_admin_sources": "10.0.0.0/33"}, {}, None,
-     "firewall_admin_sources holds '10.0.0.0/33', which is not an IP address or network"),
-    ("host in no group", {}, {}, regrouped([]),
-     "is in no role group; give it at least one of"),
-    ("group name that does not exist", {}, {}, regrouped(["redis", "rabbitmq", "postgres", "web", "worker", "beat"]),
-     "is in group 'worker', which is not a role; did you mean 'workers'?"),
-    ("beat on zero hosts", {}, {}, regrouped(["redis", "rabbitmq", "postgres", "web", "workers"]),
-     "group beat has 0 hosts; exactly one host must run celery beat"),
-    ("beat on two hosts", {}, {}, with_second_host(["beat"], reachable=True),
-     "group beat has 2 hosts; exactly one host must run celery beat"),
-    ("unreachable host", {}, {}, with_second_host(["workers"], reachable=False),
-     "Over 0% of hosts failed"),
+    ("missing secret", {}, {"STACK_REDIS_PASSWORD": ""}, None, "STACK_REDIS_PASSWORD is missing or empty"),
+    (
+        "default password",
+        {},
+        {"STACK_RABBITMQ_PASSWORD": "guest"},
+        None,
+        "STACK_RABBITMQ_PASSWORD is a default or placeholder value",
+    ),
+    (
+        "weak password",
+        {},
+        {"STACK_POSTGRESQL_PASSWORD": "hunter2"},
+        None,
+        "STACK_POSTGRESQL_PASSWORD is shorter than 16 characters",
+    ),
+    (
+        "typo in a setting's name",
+        {"redis_prot": "6380"},
+        {},
+        None,
+        "unknown setting 'redis_prot'; did you mean redis_port?",
+    ),
+    ("invalid port", {"web_port": "80000"}, {}, None, "web_port must be a TCP port between 1 and 65535 (got 80000)"),
+    (
+        "setting of the wrong type",
+        {"celery_concurrency": "many"},
+        {},
+        None,
+        "celery_concurrency must be of type int, not str ('many')",
+    ),
+    (
+        "longest task beyond the broker's consumer timeout",
+        {"celery_longest_task_seconds": "4000"},
+        {},
+        None,
+        "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000) in ms",
+    ),
+    (
+        "application path that does not exist",
+        {"app_source": "/nonexistent/app"},
+        {},
+        None,
+        "app_source must be a directory or a wheel/sdist file on this machine, or a git URL",
+    ),
+    ("malformed CA file", {"extra_ca_certificates": "MALFORMED_CA"}, {}, None, "is not a valid PEM certificate"),
+    (
+        "git ref that does not exist",
+        {"app_source": "BAD_REPOSITORY", "app_git_ref": "release-9"},
+        {},
+        None,
+        "app_git_ref 'release-9' is neither a branch, a tag nor a commit",
+    ),
+    (
+        "firewall source that is no network",
+        {"firewall_admin_sources": "10.0.0.0/33"},
+        {},
+        None,
+        "firewall_admin_sources holds '10.0.0.0/33', which is not an IP address or network",
+    ),
+    ("host in no group", {}, {}, regrouped([]), "is in no role group; give it at least one of"),
+    (
+        "group name that does not exist",
+        {},
+        {},
+        regrouped(["redis", "rabbitmq", "postgres", "web", "worker", "beat"]),
+        "is in group 'worker', which is not a role; did you mean 'workers'?",
+    ),
+    (
+        "beat on zero hosts",
+        {},
+        {},
+        regrouped(["redis", "rabbitmq", "postgres", "web", "workers"]),
+        "group beat has 0 hosts; exactly one host must run celery beat",
+    ),
+    (
+        "beat on two hosts",
+        {},
+        {},
+        with_second_host(["beat"], reachable=True),
+        "group beat has 2 hosts; exactly one host must run celery beat",
+    ),
+    ("unreachable host", {}, {}, with_second_host(["workers"], reachable=False), "Over 0% of hosts failed"),
 ]
 
 
-@pytest.mark.parametrize("data, environment, change, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_bad_input_stops_with_one_clear_error_and_changes_nothing(pristine: Cluster, tmp_path, data, environment, change, expected):
+@pytest.mark.parametrize(
+    "data, environment, change, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_bad_input_stops_with_one_clear_error_and_changes_nothing(
+    pristine: Cluster, tmp_path, data, environment, change, expected
+):
     malformed = tmp_path / "ca.pem"
     malformed.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     replacements = {"MALFORMED_CA": str(malformed), "BAD_REPOSITORY": ""}
@@ -125,7 +182,9 @@ def test_bad_input_stops_with_one_clear_error_and_changes_nothing(pristine: Clus
     inventory = pristine.inventory()
     hosts_file.write_text(json.dumps(change(inventory, pristine) if change else inventory))
 
-    run = pristine.deploy(*arguments, env=pristine.environment(STACK_HOSTS_FILE=str(hosts_file), **environment), timeout=180)
+    run = pristine.deploy(
+        *arguments, env=pristine.environment(STACK_HOSTS_FILE=str(hosts_file), **environment), timeout=180
+    )
 
     assert run.returncode != 0
     assert expected in run.stderr, run.stderr[-3000:]

@@ -14,7 +14,14 @@ import pytest
 
 from bench import Cluster
 from clients import (
-    APP, REDIS_BROKER_DB, check_task_end_to_end, expected_answer, redis_client, submit_task, task_result, wait_until,
+    APP,
+    REDIS_BROKER_DB,
+    check_task_end_to_end,
+    expected_answer,
+    redis_client,
+    submit_task,
+    task_result,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.bench, pytest.mark.parametrize("deployed", ["split"], indirect=True)]

@@ -41,7 +41,10 @@ def test_files_holding_secrets_are_0640_and_not_world_readable(deployed: Cluster
     """Every file the deploy writes a secret into: mode 0640, owned by root or the service,
     readable by the group of the service that needs it and by nobody else."""
     expected = {
-        "redis": [("/etc/redis/stack.conf", "redis", "redis"), ("/etc/default/prometheus-redis-exporter", "root", "prometheus")],
+        "redis": [
+            ("/etc/redis/stack.conf", "redis", "redis"),
+            ("/etc/default/prometheus-redis-exporter", "root", "prometheus"),
+        ],
         "workers": [("/etc/stackapp/app.env", "root", "stackapp")],
         # Alertmanager's configuration holds the SMTP password and Slack webhook when they are set.
         "monitoring": [

@@ -65,14 +65,15 @@ def test_redis_keeps_data_across_restart_and_crash(deployed: Cluster, how: str):
 # -- RabbitMQ -----------------------------------------------------------------------------------
 
 
-
 def test_amqp_persistent_message_survives_broker_restart(deployed: Cluster):
     queue, body = f"bench-{uuid.uuid4().hex[:8]}", uuid.uuid4().bytes
     connection = amqp(deployed)
     channel = connection.channel()
     channel.confirm_delivery()
     channel.queue_declare(queue, durable=True)
-    channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent), mandatory=True)
+    channel.basic_publish(
+        "", queue, body, pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent), mandatory=True
+    )
     connection.close()
 
     deployed.one("rabbitmq").exec("systemctl restart rabbitmq-server")
@@ -100,18 +101,26 @@ def test_rabbitmq_limits_and_prometheus_plugin(deployed: Cluster):
     environment = node.exec("rabbitmqctl -q environment")
     assert "{consumer_timeout,3600000}" in environment
     assert "{vm_memory_high_watermark,{relative,0.4}}" in environment or "{vm_memory_high_watermark,0.4}" in environment
-    metrics = node.exec(f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{node.address}:15692/metrics').read().decode())\"")
+    metrics = node.exec(
+        f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{node.address}:15692/metrics').read().decode())\""
+    )
     assert "rabbitmq_build_info" in metrics
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
 
-
 def test_app_role_connects_from_app_host_with_scram(deployed: Cluster):
     app = deployed.one("workers")
     assert psql_from(app, deployed, "SELECT current_user") == "celeryuser"
-    assert psql_from(app, deployed, "SELECT owner FROM (SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = 'celerydb') d") == "celeryuser"
+    assert (
+        psql_from(
+            app,
+            deployed,
+            "SELECT owner FROM (SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = 'celerydb') d",
+        )
+        == "celeryuser"
+    )
     method = deployed.one("postgres").exec(
         "sudo -u postgres psql -tAc \"SELECT left(rolpassword, 14) FROM pg_authid WHERE rolname = 'celeryuser'\""
     )
@@ -122,6 +131,10 @@ def test_app_role_refused_from_host_in_no_app_group(deployed: Cluster):
     """This machine reaches the containers from the bridge's gateway: in no application group."""
     with pytest.raises(psycopg2.OperationalError, match="no pg_hba.conf entry"):
         psycopg2.connect(
-            host=deployed.one("postgres").address, port=PG_PORT, user="celeryuser", dbname="celerydb",
-            password=deployed.secrets["STACK_POSTGRESQL_PASSWORD"], connect_timeout=10,
+            host=deployed.one("postgres").address,
+            port=PG_PORT,
+            user="celeryuser",
+            dbname="celerydb",
+            password=deployed.secrets["STACK_POSTGRESQL_PASSWORD"],
+            connect_timeout=10,
         )

@@ -48,14 +48,17 @@ def metric_names(expression: str) -> set[str]:
     stripped = re.sub(r"\[[^\]]*\]", " ", stripped)
     stripped = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", stripped)
     names = {
-        match.group() for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", stripped)
-        if not stripped[match.end():].lstrip().startswith("(")
+        match.group()
+        for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", stripped)
+        if not stripped[match.end() :].lstrip().startswith("(")
     }
     return names - PROMQL_WORDS
 
 
 def test_metric_name_extraction_sees_through_promql():
-    expression = 'histogram_quantile(0.95, sum by (le, route) (rate(app_seconds_bucket{route!="/x"}[5m]))) / on(host) up'
+    expression = (
+        'histogram_quantile(0.95, sum by (le, route) (rate(app_seconds_bucket{route!="/x"}[5m]))) / on(host) up'
+    )
     assert metric_names(expression) == {"app_seconds_bucket", "up"}
 
 
@@ -112,8 +115,14 @@ class _Repository:
         gnupg = root / "gnupg"
         gnupg.mkdir(mode=0o700)
         gpg = ["gpg", "--homedir", str(gnupg), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
-        subprocess.run(gpg + ["--quick-gen-key", "stack bench repository", "ed25519", "sign", "never"], check=True, capture_output=True)
-        (root / "gpg.key").write_bytes(subprocess.run(gpg + ["--armor", "--export"], check=True, capture_output=True).stdout)
+        subprocess.run(
+            gpg + ["--quick-gen-key", "stack bench repository", "ed25519", "sign", "never"],
+            check=True,
+            capture_output=True,
+        )
+        (root / "gpg.key").write_bytes(
+            subprocess.run(gpg + ["--armor", "--export"], check=True, capture_output=True).stdout
+        )
         packages = root / "dists/stable/main/binary-amd64/Packages"
         packages.parent.mkdir(parents=True)
         packages.write_bytes(b"")
@@ -123,7 +132,9 @@ class _Repository:
             "Origin: stack-bench\nSuite: stable\nCodename: stable\nComponents: main\nArchitectures: amd64\n"
             f"SHA256:\n {digest} 0 main/binary-amd64/Packages\n"
         )
-        subprocess.run(gpg + ["--clearsign", "--output", str(root / "dists/stable/InRelease"), str(release)], check=True)
+        subprocess.run(
+            gpg + ["--clearsign", "--output", str(root / "dists/stable/InRelease"), str(release)], check=True
+        )
         self.server = ThreadingHTTPServer((address, 0), functools.partial(_QuietHandler, directory=str(root)))
         self.url = f"http://{address}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -140,9 +151,12 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
     repository = _Repository(tmp_path, deployed.gateway)
     try:
         run = deployed.deploy(
-            "--data", "grafana=apt",
-            "--data", f"grafana_apt_repository={repository.url}",
-            "--data", f"grafana_apt_key_url={repository.url}/gpg.key",
+            "--data",
+            "grafana=apt",
+            "--data",
+            f"grafana_apt_repository={repository.url}",
+            "--data",
+            f"grafana_apt_key_url={repository.url}/gpg.key",
             env=deployed.environment(STACK_GRAFANA_ADMIN_PASSWORD="g" + "0123456789abcdef"),
         )
         installed_key = monitor.exec("cat /etc/apt/keyrings/grafana.asc 2>&1 || true")
@@ -152,7 +166,9 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
         # apt verified the repository's signature with that key (a wrong key: NO_PUBKEY, and the
         # repository would be ignored).
         update = monitor.exec("apt-get update 2>&1")
-        assert f"Get:1 {repository.url} stable InRelease" in update or f"Hit:1 {repository.url} stable InRelease" in update
+        assert (
+            f"Get:1 {repository.url} stable InRelease" in update or f"Hit:1 {repository.url} stable InRelease" in update
+        )
         assert "NO_PUBKEY" not in update and "not signed" not in update, update
         # The only failure: that repository has no grafana package, as none is obtainable here.
         assert run.returncode != 0
@@ -174,7 +190,10 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
 def test_running_grafana_serves_the_provisioned_datasource_and_dashboards(deployed: Cluster):
     password = "g" + "0123456789abcdef"
     run = deployed.deploy(
-        "--data", "grafana=deb", "--data", f"grafana_deb={os.environ['STACK_BENCH_GRAFANA_DEB']}",
+        "--data",
+        "grafana=deb",
+        "--data",
+        f"grafana_deb={os.environ['STACK_BENCH_GRAFANA_DEB']}",
         env=deployed.environment(STACK_GRAFANA_ADMIN_PASSWORD=password),
     )
     assert run.returncode == 0, run.stderr[-6000:]

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from bench import PROJECT_DIR, Cluster
+from bench.topologies import TOPOLOGIES, bench_settings
 from clients import MANAGED_UNITS, check_task_end_to_end, wait_until
-from conftest import TOPOLOGIES, bench_settings
 
 pytestmark = pytest.mark.bench
 
@@ -30,7 +30,12 @@ ROOTS = (
 )
 PRUNED = ("/opt/stackapp/venv", "/opt/stackapp/flower", "/etc/systemd/system/*.wants")
 #: Files that hold secrets: their contents differ between two clusters by design.
-SECRET_FILES = {"/etc/stackapp/app.env", "/etc/stackapp/flower.env", "/etc/redis/stack.conf", "/etc/default/prometheus-redis-exporter"}
+SECRET_FILES = {
+    "/etc/stackapp/app.env",
+    "/etc/stackapp/flower.env",
+    "/etc/redis/stack.conf",
+    "/etc/default/prometheus-redis-exporter",
+}
 
 
 def state(cluster: Cluster) -> dict[str, object]:
@@ -43,7 +48,9 @@ def state(cluster: Cluster) -> dict[str, object]:
     for line in listing.splitlines():
         path, kind = line.split()[:2]
         if kind == "f" and path not in SECRET_FILES:
-            digest = host.exec(f"sed -e 's/{host.address}/ADDRESS/g' -e 's/{cluster.gateway}/GATEWAY/g' '{path}' | sha256sum")
+            digest = host.exec(
+                f"sed -e 's/{host.address}/ADDRESS/g' -e 's/{cluster.gateway}/GATEWAY/g' '{path}' | sha256sum"
+            )
             checksums.append(f"{path} {digest.split()[0]}")
     units = sorted(unit for units in MANAGED_UNITS.values() for unit in units)
     return {
@@ -64,8 +71,13 @@ def test_killed_deploy_then_rerun_reaches_the_same_state(deployed: Cluster, base
         webhook = deployed.data["alert_webhook_url"].replace(deployed.gateway, cluster.gateway)
         cluster.data.update(firewall_admin_sources=cluster.gateway, alert_webhook_url=webhook)
         process = subprocess.Popen(
-            cluster.command(), cwd=PROJECT_DIR, env=cluster.environment(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            cluster.command(),
+            cwd=PROJECT_DIR,
+            env=cluster.environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         for line in process.stderr:
             if KILL_AFTER in line:

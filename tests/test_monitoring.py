@@ -42,7 +42,12 @@ def test_configuration_and_alert_rules_pass_promtool_and_amtool_where_installed(
     tested = monitor.exec("promtool test rules /etc/prometheus/stack-staged/tests/stack.test.yml 2>&1")
     assert "SUCCESS" in tested and "FAILED" not in tested, tested
     # The installed rules are the ones that were tested.
-    assert monitor.exec("cmp /etc/prometheus/rules/stack.yml /etc/prometheus/stack-staged/rules/stack.yml && echo same").strip() == "same"
+    assert (
+        monitor.exec(
+            "cmp /etc/prometheus/rules/stack.yml /etc/prometheus/stack-staged/rules/stack.yml && echo same"
+        ).strip()
+        == "same"
+    )
     assert "SUCCESS" in monitor.exec("amtool check-config /etc/prometheus/alertmanager.yml 2>&1")
 
 
@@ -87,7 +92,11 @@ def test_a_healthy_stack_fires_nothing_but_the_watchdog(deployed: Cluster):
 
     # Right after the deploy, units restarted by it may still be settling: wait for quiet.
     wait_until(lambda: firing() == [], timeout=90)
-    names = [alert["labels"]["alertname"] for alert in prometheus_api(deployed, "alerts")["alerts"] if alert["state"] == "firing"]
+    names = [
+        alert["labels"]["alertname"]
+        for alert in prometheus_api(deployed, "alerts")["alerts"]
+        if alert["state"] == "firing"
+    ]
     assert names == ["Watchdog"]
 
 
@@ -108,9 +117,13 @@ def test_monitoring_listens_on_private_addresses_only_and_runs_as_non_root(deplo
 
 def test_postgres_exporter_role_reads_statistics_and_no_data(deployed: Cluster):
     database = deployed.one("postgres")
-    sql = "SELECT rolsuper, pg_has_role('prometheus', 'pg_monitor', 'member') FROM pg_roles WHERE rolname = 'prometheus'"
+    sql = (
+        "SELECT rolsuper, pg_has_role('prometheus', 'pg_monitor', 'member') FROM pg_roles WHERE rolname = 'prometheus'"
+    )
     assert database.exec(f'psql -tAc "{sql}"', user="postgres").strip() == "f|t"
-    denied = database.exec("psql -d celerydb -tAc 'SELECT count(*) FROM celery_taskmeta' 2>&1 || true", user="prometheus")
+    denied = database.exec(
+        "psql -d celerydb -tAc 'SELECT count(*) FROM celery_taskmeta' 2>&1 || true", user="prometheus"
+    )
     assert "permission denied" in denied, denied
 
 
@@ -131,8 +144,10 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
 
     def about_the_unit(since: float, status: str):
         return [
-            (at, alert) for at, alert in receiver.alerts(since)
-            if alert["labels"]["alertname"] in alerts and alert["status"] == status
+            (at, alert)
+            for at, alert in receiver.alerts(since)
+            if alert["labels"]["alertname"] in alerts
+            and alert["status"] == status
             and alert["labels"].get("name", unit) == unit
         ]
 

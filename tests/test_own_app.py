@@ -228,8 +228,14 @@ def test_worker_uses_the_groups_concurrency_and_the_deploys_delivery_settings(ow
 def test_same_app_from_an_sdist_replaces_the_git_deploy(own_app: Cluster, tmp_path: Path):
     distribution = sdist(own_app.root, tmp_path)
     (tmp_path / "constraints.txt").write_text(constraints())  # beside the sdist, on this machine
-    arguments = ["--data", f"app_source={distribution}", "--data", "app_workdir=",
-                 "--data", f"app_constraints={tmp_path / 'constraints.txt'}"]
+    arguments = [
+        "--data",
+        f"app_source={distribution}",
+        "--data",
+        "app_workdir=",
+        "--data",
+        f"app_constraints={tmp_path / 'constraints.txt'}",
+    ]
     run = own_app.deploy(*arguments)
     assert run.returncode == 0, run.stderr[-6000:]
     host = own_app.one("web")

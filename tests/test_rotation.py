@@ -50,9 +50,9 @@ def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
             f"Application | {operation} @ {host.address}"
             for operation in (
                 "Write the environment file (broker and result URLs, with credentials, and the app's own)",
-                "Restart stackapp-worker.service for its changed code, packages, environment or unit",
-                "Restart stackapp-beat.service for its changed code, packages, environment or unit",
-                "Restart stackapp-gunicorn.service for changed packages, environment, units or the deploy's modules",
+                "Restart stackapp-worker.service for its changed code, packages, environment, deploy's modules or unit",
+                "Restart stackapp-beat.service for its changed code, packages, environment, deploy's modules or unit",
+                "Restart stackapp-gunicorn.service for its changed packages, environment, deploy's modules, socket unit or unit",
             )
         }
     for host in deployed.by_group("beat"):  # Flower, beside beat, reads the broker URL from a file of its own
@@ -60,20 +60,28 @@ def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
             f"Application | {operation} @ {host.address}"
             for operation in (
                 "Write Flower's environment file (the broker URL, with credentials)",
-                "Restart stackapp-flower.service for its changed code, packages, environment or unit",
+                "Restart stackapp-flower.service for its changed Flower packages, Flower environment or unit",
             )
         }
     # The broker's new password ends the connections of the old one, so a worker or beat can
     # exit and be awaiting systemd's restart when the deploy reaches it: the deploy then
     # starts it ("Keep ... running"), with the new environment, instead of restarting it.
-    restarted_units = {"stackapp-worker.service", "stackapp-beat.service", "stackapp-gunicorn.service", "stackapp-flower.service"}
+    restarted_units = {
+        "stackapp-worker.service",
+        "stackapp-beat.service",
+        "stackapp-gunicorn.service",
+        "stackapp-flower.service",
+    }
     started_early = {
-        change for change in rotate.changed
+        change
+        for change in rotate.changed
         if any(change.startswith(f"Application | Keep {unit} running @ ") for unit in restarted_units)
     }
     for change in started_early:
         unit, host = change.removeprefix("Application | Keep ").split(" running @ ")
-        expected = {e for e in expected if not (e.startswith(f"Application | Restart {unit} for ") and e.endswith(f"@ {host}"))}
+        expected = {
+            e for e in expected if not (e.startswith(f"Application | Restart {unit} for ") and e.endswith(f"@ {host}"))
+        }
     assert sorted(set(rotate.changed) - started_early) == sorted(expected)
 
     app = deployed.one("workers")

@@ -44,7 +44,9 @@ def test_our_units_are_sandboxed_no_worse_than_recorded(deployed: Cluster):
             assert measured[unit] <= recorded, f"{unit} on {host.name}: exposure {measured[unit]} > recorded {recorded}"
             assert host.exec(f"systemctl is-active {unit}").strip() == "active", (host.name, unit)
     assert set(measured) == set(EXPOSURE), f"units not found: {set(EXPOSURE) - set(measured)}"
-    REPORT.append(f"systemd-analyze security ({deployed.name}): " + ", ".join(f"{u} {s}" for u, s in sorted(measured.items())))
+    REPORT.append(
+        f"systemd-analyze security ({deployed.name}): " + ", ".join(f"{u} {s}" for u, s in sorted(measured.items()))
+    )
 
 
 #: Listeners on every address: sshd (how pyinfra reaches the host), nginx on the front (the
@@ -82,22 +84,36 @@ def test_firewall_opens_each_port_only_to_the_groups_that_use_it(deployed: Clust
     hosts whose groups use a service, that service's port does; the tests themselves reach
     everything from this machine, the admin source."""
     outsider = deployed.client.containers.run(
-        deployed.image, ["sleep", "infinity"], name=f"{deployed.id}-outsider", network=deployed.id,
-        labels={LABEL: deployed.id}, detach=True,
+        deployed.image,
+        ["sleep", "infinity"],
+        name=f"{deployed.id}-outsider",
+        network=deployed.id,
+        labels={LABEL: deployed.id},
+        detach=True,
     )
     try:
         data, app, monitor = deployed.one("postgres"), deployed.one("web"), deployed.one("monitoring")
         closed = {
-            (data.address, 5432), (data.address, 6379), (data.address, 5672), (data.address, 4369),
-            (data.address, 25672), (data.address, 15692), (app.address, 9100), (app.address, 5555),
-            (monitor.address, 9090), (monitor.address, 9093),
+            (data.address, 5432),
+            (data.address, 6379),
+            (data.address, 5672),
+            (data.address, 4369),
+            (data.address, 25672),
+            (data.address, 15692),
+            (app.address, 9100),
+            (app.address, 5555),
+            (monitor.address, 9090),
+            (monitor.address, 9093),
         }
         opened_to_outsider = sorted(target for target in closed if reachable(outsider, *target))
         assert opened_to_outsider == [], f"a host in no group reaches {opened_to_outsider}"
         assert reachable(outsider, app.address, 8000)  # the web port is the service itself
         for source, target in (
-            (app, (data.address, 5432)), (app, (data.address, 5672)), (monitor, (app.address, 9100)),
-            (monitor, (app.address, 5555)), (monitor, (data.address, 15692)),
+            (app, (data.address, 5432)),
+            (app, (data.address, 5672)),
+            (monitor, (app.address, 9100)),
+            (monitor, (app.address, 5555)),
+            (monitor, (data.address, 15692)),
         ):
             assert reachable(source.container, *target), f"{source.name} cannot reach {target}, which its group uses"
         if app.address != monitor.address:
@@ -135,9 +151,7 @@ def test_every_file_holding_a_secret_is_expected_and_0640(deployed: Cluster):
     the files found must be exactly the expected ones, each 0640 with the right owners."""
     patterns = " ".join(f"-e {value}" for value in deployed.secrets.values())
     for host in deployed.hosts.values():
-        found = host.exec(
-            f"grep -rlsF {patterns} /etc /opt /var /srv /root /home /tmp /usr/local /run || true"
-        ).split()
+        found = host.exec(f"grep -rlsF {patterns} /etc /opt /var /srv /root /home /tmp /usr/local /run || true").split()
         expected = expected_secret_files(deployed, host)
         assert sorted(found) == sorted(expected), host.name
         for path, owners in expected.items():

@@ -7,51 +7,13 @@ the settings module, and this test keeps the two identical.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 import settings
+from bench.fakes import GOOD_SECRETS, FakeHost, FakeInventory, all_in_one, validate
 
-GOOD_SECRETS = {
-    "STACK_REDIS_PASSWORD": "r" + "0123456789abcdef",
-    "STACK_RABBITMQ_PASSWORD": "q" + "0123456789abcdef",
-    "STACK_POSTGRESQL_PASSWORD": "p" + "0123456789abcdef",
-}
-
-
-class FakeHost(SimpleNamespace):
-    """Just what validation reads of a pyinfra host: name, groups and data."""
-
-    def __init__(self, name, groups, **data):
-        data.setdefault("private_address", name)
-        super().__init__(name=name, groups=groups, data=SimpleNamespace(dict=lambda: data, get=data.get))
-
-
-class FakeInventory(list):
-    __hash__ = object.__hash__  # settings.validate caches per inventory object, as pyinfra's
-
-    def get_group(self, name, default=None):
-        return [host for host in self if name in host.groups]
-
-
-def all_in_one(**data) -> FakeInventory:
-    return FakeInventory([FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres", "web", "workers", "beat"], **data)])
-
-
-@pytest.fixture(autouse=True)
-def no_secrets_file(monkeypatch, tmp_path):
-    monkeypatch.setenv(settings.SECRETS_FILE_VARIABLE, str(tmp_path / "absent.env"))
-    for variable in [*GOOD_SECRETS, "STACK_GRAFANA_ADMIN_PASSWORD", "STACK_ALERT_SLACK_WEBHOOK_URL", "STACK_ALERT_SMTP_PASSWORD"]:
-        monkeypatch.delenv(variable, raising=False)
-    settings.validate.cache_clear()
-
-
-def validate(inventory: FakeInventory, **environment: str) -> settings.Secrets:
-    import os
-
-    os.environ.update(environment)
-    return settings.validate(inventory)
+pytestmark = pytest.mark.usefixtures("no_secrets_file")
 
 
 def test_good_input_passes_and_defaults_apply():
@@ -72,26 +34,47 @@ def test_good_input_passes_and_defaults_apply():
         ({"redis_save": "3600"}, "redis_save must be pairs of"),
         ({"redis_appendfsync": "no"}, 'redis_appendfsync must be "everysec" or "always"'),
         ({"apt_proxy": "proxy:3142"}, "apt_proxy must be empty or an http(s) URL"),
-        ({"celery_longest_task_seconds": 4000}, "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)"),
-        ({"app_source": "/nonexistent/app"}, "app_source must be a directory or a wheel/sdist file on this machine, or a git URL; '/nonexistent/app' is none of them"),
+        (
+            {"celery_longest_task_seconds": 4000},
+            "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)",
+        ),
+        (
+            {"app_source": "/nonexistent/app"},
+            "app_source must be a directory or a wheel/sdist file on this machine, or a git URL; '/nonexistent/app' is none of them",
+        ),
         ({"app_source": "dist/acme-1.0-py3-none-any.whl"}, "app_source must be a directory or a wheel/sdist file"),
         ({"app_workdir": "../elsewhere"}, "app_workdir must be a path inside the source tree"),
         ({"app_workdir": "web"}, "app_workdir 'web' is not a directory in the application's source"),
-        ({"app_constraints": "constraints.txt"}, "app_constraints 'constraints.txt' is not a file in the application's source"),
+        (
+            {"app_constraints": "constraints.txt"},
+            "app_constraints 'constraints.txt' is not a file in the application's source",
+        ),
         ({"app_environment": {"SENTRY ENV": "prod"}}, "app_environment holds ['SENTRY ENV']"),
         ({"app_environment": ["A=b"]}, "app_environment must be a mapping of names to strings"),
-        ({"app_broker_url_variables": ["STACK_BROKER"]}, "names must be letters, digits and _, and not start with STACK_"),
-        ({"app_result_backend_variables": ["CELERY_BROKER_URL"]}, "environment variables ['CELERY_BROKER_URL'] are given more than once"),
+        (
+            {"app_broker_url_variables": ["STACK_BROKER"]},
+            "names must be letters, digits and _, and not start with STACK_",
+        ),
+        (
+            {"app_result_backend_variables": ["CELERY_BROKER_URL"]},
+            "environment variables ['CELERY_BROKER_URL'] are given more than once",
+        ),
         ({"app_python": "python3; rm -rf /"}, "app_python must be a command name or an absolute path"),
         ({"celery_enforce_durability": "maybe"}, "celery_enforce_durability must be of type bool"),
         ({"app_dir": "opt/app"}, "app_dir must be an absolute path"),
-        ({"app_requirements": "requirements-prod.txt"}, "app_requirements 'requirements-prod.txt' is not a file in the application's source"),
+        (
+            {"app_requirements": "requirements-prod.txt"},
+            "app_requirements 'requirements-prod.txt' is not a file in the application's source",
+        ),
         ({"asgi_app": "my app"}, "asgi_app must be a Python import path"),
         ({"celery_loglevel": "verbose"}, "celery_loglevel must be one of"),
         ({"celery_queues": "a, b"}, "celery_queues must be comma-separated queue names"),
         ({"celery_broker": "kafka"}, 'celery_broker must be "rabbitmq" or "redis" (got \'kafka\')'),
         ({"redis_result_db": 0}, "redis_broker_db and redis_result_db are both 0"),
-        ({"redis_visibility_timeout_seconds": 60}, "redis_visibility_timeout_seconds (60) must exceed celery_longest_task_seconds (300)"),
+        (
+            {"redis_visibility_timeout_seconds": 60},
+            "redis_visibility_timeout_seconds (60) must exceed celery_longest_task_seconds (300)",
+        ),
         ({"postgresql_database": "Celery-DB"}, "postgresql_database must be lower-case letters"),
         ({"extra_ca_certificates": ["/nonexistent/ca.pem"]}, "/nonexistent/ca.pem does not exist"),
         ({"private_address": "127.0.0.1"}, "is not reachable from other hosts"),
@@ -117,9 +100,13 @@ def test_malformed_ca_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "value, problem",
-    [("", "is missing or empty"), ("guest", "is a default or placeholder value"),
-     ("changeme", "is a default or placeholder value"), ("x" * 40, "is a default or placeholder value"),
-     ("short-pass", "is shorter than 16 characters")],
+    [
+        ("", "is missing or empty"),
+        ("guest", "is a default or placeholder value"),
+        ("changeme", "is a default or placeholder value"),
+        ("x" * 40, "is a default or placeholder value"),
+        ("short-pass", "is shorter than 16 characters"),
+    ],
 )
 def test_bad_secret_names_the_variable_and_how_to_set_it(value, problem):
     environment = dict(GOOD_SECRETS, STACK_RABBITMQ_PASSWORD=value)
@@ -151,15 +138,28 @@ def test_topology_needs_the_servers_of_the_chosen_broker_and_backend():
     assert "group redis" not in message  # the default choices do not need Redis
 
     settings.validate.cache_clear()
-    redis_only = FakeInventory([FakeHost("10.0.0.6", ["web", "workers", "beat"], celery_broker="redis", celery_result_backend="redis")])
+    redis_only = FakeInventory(
+        [FakeHost("10.0.0.6", ["web", "workers", "beat"], celery_broker="redis", celery_result_backend="redis")]
+    )
     with pytest.raises(settings.SettingsError) as error:
         validate(redis_only, **GOOD_SECRETS)
     assert "group redis is empty but celery_broker = 'redis' needs it" in str(error.value)
     assert "group rabbitmq" not in str(error.value) and "group postgres" not in str(error.value)
 
     settings.validate.cache_clear()
-    validate(FakeInventory([FakeHost("10.0.0.6", ["redis", "web", "workers", "beat"], celery_broker="redis",
-                                     celery_result_backend="redis")]), **GOOD_SECRETS)
+    validate(
+        FakeInventory(
+            [
+                FakeHost(
+                    "10.0.0.6",
+                    ["redis", "web", "workers", "beat"],
+                    celery_broker="redis",
+                    celery_result_backend="redis",
+                )
+            ]
+        ),
+        **GOOD_SECRETS,
+    )
 
     two_redis = FakeInventory(all_in_one() + [FakeHost("10.0.0.7", ["redis"])])
     with pytest.raises(settings.SettingsError, match="group redis has 2 hosts"):
@@ -170,13 +170,15 @@ def test_topology_needs_the_servers_of_the_chosen_broker_and_backend():
 def test_topology_needs_exactly_one_beat(beat_hosts):
     hosts = [FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres"])]
     hosts += [FakeHost(f"10.0.1.{i}", ["web", "workers"] + (["beat"] if i < beat_hosts else [])) for i in range(2)]
-    with pytest.raises(settings.SettingsError, match=f"group beat has {beat_hosts} hosts; exactly one host must run celery beat"):
+    with pytest.raises(
+        settings.SettingsError, match=f"group beat has {beat_hosts} hosts; exactly one host must run celery beat"
+    ):
         validate(FakeInventory(hosts), **GOOD_SECRETS)
 
 
 def test_readme_shows_the_settings_table():
     readme = (Path(settings.PROJECT_DIR) / "README.md").read_text()
-    assert settings.markdown_table() in readme, "README.md's settings table is stale: paste `python settings.py`"
+    assert settings.markdown_table() in readme, "README.md's settings table is stale: run `python -m settings --write`"
 
 
 def monitored(**data) -> FakeInventory:
@@ -188,18 +190,37 @@ def monitored(**data) -> FakeInventory:
     "data, environment, expected",
     [
         ({"alert_webhook_url": "http://hooks.example/x"}, {}, "STACK_GRAFANA_ADMIN_PASSWORD is missing or empty"),
-        ({"alert_webhook_url": "http://hooks.example/x"}, {"STACK_GRAFANA_ADMIN_PASSWORD": "admin"},
-         "STACK_GRAFANA_ADMIN_PASSWORD is a default or placeholder value"),
+        (
+            {"alert_webhook_url": "http://hooks.example/x"},
+            {"STACK_GRAFANA_ADMIN_PASSWORD": "admin"},
+            "STACK_GRAFANA_ADMIN_PASSWORD is a default or placeholder value",
+        ),
         ({"grafana": "none"}, {}, "the monitoring host would alert nobody: set alert_webhook_url or alert_email_to"),
-        ({"grafana": "none", "alert_email_to": "ops@example.com"}, {},
-         "alert_email_to is set but alert_email_from or alert_smtp_smarthost is empty"),
-        ({"grafana": "none", "alert_webhook_url": "hooks.example"}, {}, "alert_webhook_url must be empty or an http(s) URL"),
-        ({"grafana": "none", "alert_webhook_url": "http://h/x", "alert_for": "2 minutes"}, {},
-         "alert_for must be a Prometheus duration such as 15s"),
-        ({"grafana": "deb", "alert_webhook_url": "http://h/x", "grafana_deb": "/nonexistent/grafana.deb"},
-         {"STACK_GRAFANA_ADMIN_PASSWORD": "g0123456789abcdefg"}, "grafana_deb ('/nonexistent/grafana.deb') is not a file"),
-        ({"grafana": "none", "alert_webhook_url": "http://h/x"}, {"STACK_ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/x"},
-         "STACK_ALERT_SLACK_WEBHOOK_URL must be empty or an http(s) URL"),
+        (
+            {"grafana": "none", "alert_email_to": "ops@example.com"},
+            {},
+            "alert_email_to is set but alert_email_from or alert_smtp_smarthost is empty",
+        ),
+        (
+            {"grafana": "none", "alert_webhook_url": "hooks.example"},
+            {},
+            "alert_webhook_url must be empty or an http(s) URL",
+        ),
+        (
+            {"grafana": "none", "alert_webhook_url": "http://h/x", "alert_for": "2 minutes"},
+            {},
+            "alert_for must be a Prometheus duration such as 15s",
+        ),
+        (
+            {"grafana": "deb", "alert_webhook_url": "http://h/x", "grafana_deb": "/nonexistent/grafana.deb"},
+            {"STACK_GRAFANA_ADMIN_PASSWORD": "g0123456789abcdefg"},
+            "grafana_deb ('/nonexistent/grafana.deb') is not a file",
+        ),
+        (
+            {"grafana": "none", "alert_webhook_url": "http://h/x"},
+            {"STACK_ALERT_SLACK_WEBHOOK_URL": "hooks.slack.com/x"},
+            "STACK_ALERT_SLACK_WEBHOOK_URL must be empty or an http(s) URL",
+        ),
     ],
 )
 def test_bad_monitoring_input_is_named_with_its_fix(data, environment, expected):
@@ -213,6 +234,8 @@ def test_monitoring_is_optional_and_grafana_secret_only_needed_with_grafana():
     settings.validate.cache_clear()
     validate(monitored(grafana="none"), **GOOD_SECRETS, STACK_ALERT_SLACK_WEBHOOK_URL="https://hooks.example/T0")
     settings.validate.cache_clear()
-    two = FakeInventory(monitored(grafana="none", alert_webhook_url="http://h/x") + [FakeHost("10.0.0.10", ["monitoring"])])
+    two = FakeInventory(
+        monitored(grafana="none", alert_webhook_url="http://h/x") + [FakeHost("10.0.0.10", ["monitoring"])]
+    )
     with pytest.raises(settings.SettingsError, match="group monitoring has 2 hosts"):
         validate(two, **GOOD_SECRETS)

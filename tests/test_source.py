@@ -13,8 +13,10 @@ import pytest
 import inventory
 import settings
 from bench import git
+from bench.fakes import GOOD_SECRETS, all_in_one, validate
 from tasks import source as app_source
-from test_settings import GOOD_SECRETS, all_in_one, no_secrets_file, validate  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("no_secrets_file")
 
 
 @pytest.fixture

@@ -74,9 +74,7 @@ def generate_ssh_key(directory: Path) -> tuple[Path, str]:
     key = ed25519.Ed25519PrivateKey.generate()
     private = directory / "id_ed25519"
     private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     )
     private.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -121,9 +119,7 @@ class PyinfraRun:
     def changed(self) -> list[str]:
         """``operation name @ host`` for every operation that changed something."""
         return [
-            f"{operation['name']} @ {host}"
-            for operation in self.results["operations"]
-            for host in operation["success"]
+            f"{operation['name']} @ {host}" for operation in self.results["operations"] for host in operation["success"]
         ]
 
     @property
@@ -179,7 +175,7 @@ class Cluster:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def create(self) -> "Cluster":
+    def create(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key, public_key = generate_ssh_key(self.workdir)
         self.client.networks.create(self.id, driver="bridge", labels={LABEL: self.id})

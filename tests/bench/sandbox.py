@@ -20,13 +20,11 @@ import redis
 import requests
 
 from . import PROJECT_DIR, Cluster, ensure_base_image, host_ca_certificates
+from .topologies import TOPOLOGIES
 
 SANDBOX_DIR = PROJECT_DIR / ".sandbox"
 SANDBOX_ID = "stackbench-demo"
-TOPOLOGY = {
-    "data": ["redis", "rabbitmq", "postgres", "monitoring"],
-    "app": ["web", "workers", "beat"],
-}
+TOPOLOGY = TOPOLOGIES["demo"]
 #: The demo has no one to alert and cannot install Grafana here: alerts are visible in
 #: Alertmanager's page, and notifications go to a port that discards them.
 DEMO_SETTINGS = {"alert_webhook_url": "http://127.0.0.1:9/the-demo-has-no-receiver", "grafana": "none"}
@@ -65,15 +63,18 @@ def up() -> None:
         command += ["--data", "extra_ca_certificates=" + ",".join(certificates)]
     environment = {key: value for key, value in os.environ.items() if not key.startswith("STACK_")}
     environment.update(STACK_HOSTS_FILE=str(cluster.hosts_file), STACK_SECRETS_FILE=str(_secrets_file()))
-    print(f"demo: STACK_HOSTS_FILE={cluster.hosts_file} STACK_SECRETS_FILE={_secrets_file()} {' '.join(command[0:1])} "
-          + " ".join(command[1:]), flush=True)
+    print(
+        f"demo: STACK_HOSTS_FILE={cluster.hosts_file} STACK_SECRETS_FILE={_secrets_file()} {' '.join(command[0:1])} "
+        + " ".join(command[1:]),
+        flush=True,
+    )
     subprocess.run(command, cwd=PROJECT_DIR, env=environment, stdin=subprocess.DEVNULL, check=True)
 
     data, app = cluster.hosts["data"], cluster.hosts["app"]
     secrets = _read_env(_secrets_file())
     api = f"http://{app.address}:8000"
     task = requests.post(f"{api}/tasks", json={"n": 1000, "sleep": 1}, timeout=15).json()["id"]
-    print(f"demo: submitted a task: POST {api}/tasks {{\"n\": 1000, \"sleep\": 1}} -> id {task}")
+    print(f'demo: submitted a task: POST {api}/tasks {{"n": 1000, "sleep": 1}} -> id {task}')
     body = {}
     for _ in range(60):
         body = requests.get(f"{api}/tasks/{task}", timeout=10).json()  # a 503 names what is not ready yet
@@ -88,7 +89,7 @@ demo: up in {time.monotonic() - started:.0f}s. Where to look (secrets in {_secre
   API docs    {api}/docs
   Health      {api}/healthz
   Metrics     {api}/metrics
-  Redis       redis://{data.address}:6379          PING from here: {'PONG' if pong else 'no answer'}
+  Redis       redis://{data.address}:6379          PING from here: {"PONG" if pong else "no answer"}
   RabbitMQ    amqp://celery@{data.address}:5672/celery
   RabbitMQ    http://{data.address}:15692/metrics  (Prometheus endpoint)
   PostgreSQL  postgresql://celeryuser@{data.address}:5432/celerydb
@@ -96,7 +97,7 @@ demo: up in {time.monotonic() - started:.0f}s. Where to look (secrets in {_secre
   Alerts      http://{data.address}:9093  (Alertmanager; set alert_webhook_url, alert_email_to or
               STACK_ALERT_SLACK_WEBHOOK_URL to be told; Grafana is off: its package is unobtainable here)
   Celery      http://{app.address}:5555  (Flower)
-  Shell       docker exec -it {cluster.hosts['app'].container.name} bash   (or {cluster.hosts['data'].container.name})
+  Shell       docker exec -it {cluster.hosts["app"].container.name} bash   (or {cluster.hosts["data"].container.name})
   Re-deploy   make demo        Remove      make demo-down
 """
     )

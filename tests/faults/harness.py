@@ -21,7 +21,7 @@ from bench import Cluster
 from clients import MANAGED_UNITS, RequestLoop, expected_answer, psql_from, web_url
 
 #: Outcomes of the session's faults, in order, for the summary table.
-OUTCOMES: list["Outcome"] = []
+OUTCOMES: list[Outcome] = []
 
 #: How long a fault may keep the stack from being healthy, and a batch from finishing.
 RECOVERY_TIMEOUT = 180
@@ -77,7 +77,7 @@ class Batch:
         with self.lock:
             return {task_id for task_id, (_, sleep) in self.accepted.items() if sleep or not long_only}
 
-    def submit(self) -> "Batch":
+    def submit(self) -> Batch:
         self.thread.start()
         return self
 
@@ -132,7 +132,9 @@ def running_executions(cluster: Cluster, task_ids: set[str]) -> list[tuple[str, 
     """``(task id, host, pid)`` of the executions of ``task_ids`` that have started and not
     finished, as the result store records them."""
     rows = rows_of_tasks(
-        cluster, "SELECT task_id, host, pid FROM stackapp_executions WHERE finished_at IS NULL AND task_id IN ({ids})", task_ids
+        cluster,
+        "SELECT task_id, host, pid FROM stackapp_executions WHERE finished_at IS NULL AND task_id IN ({ids})",
+        task_ids,
     )
     return [(task_id, host, int(pid)) for task_id, host, pid in rows]
 
@@ -199,7 +201,9 @@ def await_results(batch: Batch) -> dict[str, dict]:
 
 def stored_states(cluster: Cluster, task_ids) -> dict[str, str]:
     """Task id → status in PostgreSQL's celery_taskmeta, read with psql."""
-    return dict(rows_of_tasks(cluster, "SELECT task_id, status FROM celery_taskmeta WHERE task_id IN ({ids})", task_ids))
+    return dict(
+        rows_of_tasks(cluster, "SELECT task_id, status FROM celery_taskmeta WHERE task_id IN ({ids})", task_ids)
+    )
 
 
 def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
@@ -227,7 +231,8 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
     stored = stored_states(cluster, ids)
     counts = execution_counts(cluster, ids)
     succeeded = [
-        task_id for task_id in ids
+        task_id
+        for task_id in ids
         if final.get(task_id, {}).get("state") == "SUCCESS"
         and final[task_id]["result"]["answer"] == expected_answer(batch.accepted[task_id][0])
         and stored.get(task_id) == "SUCCESS"
@@ -245,7 +250,9 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
     )
     if outcome.lost:
         outcome.notes.append(f"queue after the deadline: {queue_state(cluster)}")
-        outcome.notes += [f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]]
+        outcome.notes += [
+            f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]
+        ]
     never_ran = [task_id for task_id in succeeded if counts.get(task_id, 0) == 0]
     assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
     OUTCOMES.append(outcome)

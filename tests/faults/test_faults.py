@@ -18,12 +18,12 @@ import pytest
 import requests
 
 from bench import Cluster, Host
+from bench.topologies import TOPOLOGIES
 from clients import APP, MANAGED_UNITS, redis_client, web_url
 from faults.harness import run_fault, running_executions
 
 pytestmark = [pytest.mark.bench, pytest.mark.faults]
 
-TOPOLOGY = {"data": ["redis", "rabbitmq", "postgres"], "app": ["web", "workers", "beat"]}
 #: Every unit of the deploy that has a process of its own (the socket unit has none).
 SERVICES = [(group, unit) for group, units in MANAGED_UNITS.items() for unit in units if unit.endswith(".service")]
 #: The promise of the issue: a unit killed with -9 is active again within this many seconds.
@@ -35,7 +35,7 @@ API_OUTAGE_SECONDS = 10
 @pytest.fixture(scope="module")
 def stack(converge) -> Cluster:
     """The suite's split topology; six pool processes per worker so a batch passes quickly."""
-    with converge("faults", TOPOLOGY, idempotence=False, celery_concurrency="6") as cluster:
+    with converge("faults", TOPOLOGIES["faults"], idempotence=False, celery_concurrency="6") as cluster:
         fresh = cluster.runs[0]
         assert fresh.returncode == 0, f"fresh deploy failed:\n{fresh.stderr[-6000:]}"
         yield cluster

@@ -61,9 +61,7 @@ class _Store:
             import redis
 
             return redis.Redis.from_url(RESULT_URL, socket_timeout=10, socket_connect_timeout=5)
-        engine = create_engine(
-            RESULT_URL.removeprefix("db+"), pool_pre_ping=True, connect_args={"connect_timeout": 5}
-        )
+        engine = create_engine(RESULT_URL.removeprefix("db+"), pool_pre_ping=True, connect_args={"connect_timeout": 5})
         return engine
 
 

@@ -1,0 +1,75 @@
+"""
+Every service of the stack, in the order a host deploys them. Each is declared once, as
+``SERVICE`` in its own task module (tasks/service.py says what a declaration holds); a new
+service is one module and its templates, listed here. Everything that connects services is
+derived from these declarations by ``Wiring``: packages, firewall rules, scrape jobs, watched
+units, the one-server groups of the topology check and the tests' unit lists.
+"""
+
+from __future__ import annotations
+
+from functools import cache, partial
+from typing import Any
+
+from pyinfra.facts.server import LinuxDistribution
+
+import settings
+from tasks import app, base, exporters, firewall, front, grafana, monitoring, postgresql, rabbitmq, redis
+from tasks.service import Node, Service, Wiring
+
+SERVICES: tuple[Service, ...] = (
+    base.SERVICE,  # first: it installs every other service's packages
+    firewall.SERVICE,
+    redis.SERVICE,
+    rabbitmq.SERVICE,
+    postgresql.SERVICE,
+    app.SERVICE,  # after the data services it connects to
+    front.SERVICE,
+    exporters.NODE_EXPORTER,
+    exporters.REDIS_EXPORTER,
+    exporters.POSTGRES_EXPORTER,
+    monitoring.SERVICE,
+    grafana.SERVICE,
+)
+
+#: Groups whose service has exactly one server in this deploy.
+SINGLE_SERVER_GROUPS = tuple(group for service in SERVICES if service.single for group in service.groups)
+
+
+def _release(host: Any) -> tuple[str, int]:
+    distribution = host.get_fact(LinuxDistribution)
+    return distribution["name"], distribution["major"]
+
+
+@cache
+def wiring(inventory: Any) -> Wiring:
+    """The wiring of every host of the inventory (once per run: pyinfra reads deploy.py once
+    per host)."""
+    hosts = list(inventory)
+    present = frozenset(group for host in hosts for group in host.groups)
+    nodes = tuple(
+        Node(
+            name=host.name,
+            groups=frozenset(host.groups),
+            config=settings.for_host(host),
+            address=settings.private_address(host),
+            inventory_groups=present,
+            release=partial(_release, host),
+        )
+        for host in hosts
+    )
+    return Wiring(SERVICES, nodes)
+
+
+def units_by_group(
+    groups: tuple[str, ...] = settings.GROUPS, release: tuple[str, int] = ("Debian", 12), **config: Any
+) -> dict[str, list[str]]:
+    """Group → the units a host of only that group runs (no monitoring host in the inventory),
+    with default settings overridden by ``config``: what the tests expect to find."""
+    present = frozenset(groups)
+    settings_ = settings.Settings(**config)
+    units = {}
+    for group in groups:
+        node = Node(group, frozenset({group}), settings_, "192.0.2.1", present, lambda: release)
+        units[group] = sorted({unit for service in SERVICES if service.runs_on(node) for unit in service.units(node)})
+    return units

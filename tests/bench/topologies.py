@@ -1,0 +1,61 @@
+"""
+The bench's topologies (host name → inventory groups: the same code, one host or several) and
+the settings every bench deploy passes on the command line, in one place for the tests, the
+demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bench import host_ca_certificates
+
+DATA = ["redis", "rabbitmq", "postgres"]
+APP = ["web", "workers", "beat"]
+
+TOPOLOGIES: dict[str, dict[str, list[str]]] = {
+    # Shared by the read-only tests, once per session (tests/conftest.py, ``deployed``).
+    "all-in-one": {"aio": [*DATA, *APP, "monitoring"]},
+    "split": {"data": [*DATA, "monitoring"], "app": APP},
+    # Six hosts: nginx on a front over two web hosts, two worker hosts, beat on one of them,
+    # and the monitoring host beside the data services, all behind the firewall.
+    "scale-out": {
+        "front": ["front"],
+        "data": [*DATA, "monitoring"],
+        "web1": ["web"],
+        "web2": ["web"],
+        "worker1": ["workers", "beat"],
+        "worker2": ["workers"],
+    },
+    # Destructive: the fault suite's own hosts (tests/faults).
+    "faults": {"data": DATA, "app": APP},
+    # The demo (``make demo``): the split topology.
+    "demo": {"data": [*DATA, "monitoring"], "app": APP},
+}
+#: Topologies the read-only tests share.
+SHARED = ("all-in-one", "split")
+
+
+def bench_settings(**overrides: str) -> dict[str, str]:
+    """Settings the bench passes with --data, as a user would on the command line."""
+    data = {
+        # Beat's heartbeat every 5 s instead of 60, so its test need not wait a minute.
+        "beat_heartbeat_seconds": "5",
+        # Alerts within seconds rather than minutes, so the alert tests wait little.
+        "prometheus_scrape_interval": "5s",
+        "prometheus_evaluation_interval": "5s",
+        "alert_for": "10s",
+        "alertmanager_group_wait": "5s",
+        "alertmanager_group_interval": "10s",
+        # Grafana's package cannot be obtained on our machines (see tests/test_grafana.py).
+        "grafana": "none",
+        # The host firewall on, with this machine (the network's gateway) as the admin source
+        # from which the tests reach every service (set once the network exists).
+        "firewall": "true",
+    }
+    certificates = host_ca_certificates()
+    if certificates:
+        data["extra_ca_certificates"] = ",".join(certificates)
+    if os.environ.get("STACK_BENCH_APT_PROXY"):
+        data["apt_proxy"] = os.environ["STACK_BENCH_APT_PROXY"]
+    return {**data, **overrides}
