@@ -14,7 +14,7 @@ import pika
 import redis
 import requests
 
-from bench import Cluster, Host
+from bench import Cluster, Host, wait_until
 from settings import APP_GROUPS
 from tasks import registry
 
@@ -26,22 +26,6 @@ APP = "stackapp"
 MANAGED_UNITS = registry.units_by_group(("redis", "rabbitmq", "postgres", "web", "workers", "beat"))
 #: Group → the application units its hosts run.
 APP_UNITS = {group: MANAGED_UNITS[group] for group in APP_GROUPS}
-
-
-def wait_until(check, timeout: float = 60, interval: float = 0.5):
-    """Call ``check`` until it returns a true value; its value, or the last error at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{check} still false after {timeout}s")
-        time.sleep(interval)
 
 
 def redis_client(cluster: Cluster, password: str | None = "from-cluster", db: int = 0) -> redis.Redis:

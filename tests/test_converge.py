@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from bench import Cluster, host_ca_certificates
+from bench import Cluster
+from bench.topologies import bench_ca
 
 pytestmark = pytest.mark.bench
 
@@ -61,9 +62,10 @@ def test_files_holding_secrets_are_0640_and_not_world_readable(deployed: Cluster
 
 
 def test_extra_ca_certificates_are_in_every_hosts_trust_store(deployed: Cluster):
-    certificates = host_ca_certificates()
-    if not certificates:
-        pytest.skip("this machine trusts no extra CA, so the bench passes none to the deploy")
+    """Every CA of extra_ca_certificates (this machine's extra ones and the bench's own) is
+    installed on every host and in the system bundle that apt, curl, Python and pip read."""
+    certificates = deployed.data["extra_ca_certificates"].split(",")
+    assert str(bench_ca()) in certificates
     for host in deployed.hosts.values():
         bundle = host.exec("cat /etc/ssl/certs/ca-certificates.crt")
         installed = host.exec("ls /usr/local/share/ca-certificates/").split()

@@ -6,6 +6,7 @@ psycopg2 from this machine, which is in no application group).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -100,6 +101,10 @@ def test_rabbitmq_limits_and_prometheus_plugin(deployed: Cluster):
     node = deployed.one("rabbitmq")
     environment = node.exec("rabbitmqctl -q environment")
     assert "{consumer_timeout,3600000}" in environment
+    # disk_free_limit.absolute = 1GB, as configured and as the node applies it (in bytes).
+    assert '{disk_free_limit,"1GB"}' in environment
+    status = json.loads(node.exec("rabbitmq-diagnostics -q status --formatter json"))
+    assert status["disk_free_limit"] == 1_000_000_000, status["disk_free_limit"]
     assert "{vm_memory_high_watermark,{relative,0.4}}" in environment or "{vm_memory_high_watermark,0.4}" in environment
     metrics = node.exec(
         f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{node.address}:15692/metrics').read().decode())\""

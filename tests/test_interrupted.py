@@ -61,6 +61,23 @@ def state(cluster: Cluster) -> dict[str, object]:
     }
 
 
+#: Packages of the all-in-one host's roles, installed by the transaction the kill interrupts.
+ROLE_PACKAGES = "redis-server rabbitmq-server postgresql-15 prometheus prometheus-alertmanager python3-venv"
+
+
+def apt_work_pending(host) -> str:
+    """What apt and dpkg had not finished when pyinfra died: a package manager still running
+    on the host (the deploy's apt may outlive its SSH session), packages dpkg left unpacked or
+    half-configured, or role packages not installed yet; empty when the install was complete."""
+    running = host.exec("pgrep -a -x 'apt-get|apt|dpkg' || true").strip()
+    audit = host.exec("dpkg --audit || true").strip()
+    missing = host.exec(
+        f"for p in {ROLE_PACKAGES}; do dpkg-query -W -f='${{db:Status-Status}}' $p 2>/dev/null | grep -qx installed "
+        '|| echo "$p not installed"; done'
+    ).strip()
+    return "\n".join(part for part in (running, audit, missing) if part)
+
+
 @pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
 def test_killed_deploy_then_rerun_reaches_the_same_state(deployed: Cluster, base_image, tmp_path):
     cluster = Cluster(TOPOLOGIES["all-in-one"], base_image, tmp_path, data=bench_settings())
@@ -86,6 +103,9 @@ def test_killed_deploy_then_rerun_reaches_the_same_state(deployed: Cluster, base
         assert process.poll() is None, "the deploy ended before it could be interrupted"
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+        assert apt_work_pending(cluster.one("postgres")), (
+            "the kill landed after apt had finished: nothing was cut short"
+        )
 
         rerun = cluster.deploy()
         assert rerun.returncode == 0, rerun.stderr[-6000:]

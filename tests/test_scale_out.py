@@ -105,3 +105,60 @@ def test_a_web_host_out_of_service_fails_no_request_through_the_front(scaled: Cl
         ),
         timeout=60,
     )
+
+
+#: A web host that takes a request and then fails without answering: it reads what it is sent,
+#: counts the POSTs in /root/posts, and closes the connection.
+FAILING_WEB_HOST = """
+import socket
+server = socket.create_server(("{address}", {port}))
+while True:
+    connection, _ = server.accept()
+    if connection.recv(65536).startswith(b"POST"):
+        with open("/root/posts", "a") as posts:
+            posts.write("POST\\n")
+    connection.close()
+"""
+
+
+def test_a_post_that_reached_a_failing_web_host_is_never_resent(scaled: Cluster):
+    """nginx resends a request to the next web host only when the failed one never received
+    it: a POST that reached a host which then failed is answered with an error, not submitted
+    a second time on the other host (a task would run twice)."""
+    web1 = scaled.hosts["web1"]
+    web1.exec(f"systemctl stop {APP}-gunicorn.socket {APP}-gunicorn.service && rm -f /root/posts")
+    web1.container.exec_run(["python3", "-c", FAILING_WEB_HOST.format(address=web1.address, port=8000)], detach=True)
+    try:
+        wait_until(lambda: web1.status(f"ss -Hltn 'sport = :8000' | grep -q {web1.address}") == 0, timeout=10)
+        answers = [requests.post(front_url(scaled, "/tasks"), json={"n": n}, timeout=15).status_code for n in range(10)]
+        received = len(web1.exec("cat /root/posts 2>/dev/null || true").split())
+        assert received >= 1, f"no POST reached the failing host: {answers}"
+        assert len([code for code in answers if code != 202]) == received, answers
+        assert all(code in (202, 502) for code in answers), answers
+    finally:
+        web1.exec("pkill -f '[s]ocket.create_server' || true")
+        web1.exec(f"systemctl start {APP}-gunicorn.socket {APP}-gunicorn.service")
+    wait_until(
+        lambda: (
+            {requests.get(front_url(scaled, "/"), timeout=10).json()["host"] for _ in range(10)} == {"web1", "web2"}
+        ),
+        timeout=60,
+    )
+
+
+def test_a_broken_nginx_configuration_stops_the_deploy_and_the_front_keeps_serving(scaled: Cluster):
+    """A changed site is checked with ``nginx -t`` before nginx reloads it: with a broken file
+    beside it, the deploy fails with nginx's own message and the running front serves on."""
+    front = scaled.one("front")
+    front.exec("echo 'this is not nginx;' > /etc/nginx/conf.d/zz-broken.conf")
+    try:
+        failed = scaled.deploy("--data", "front_fail_timeout_seconds=11")
+        assert failed.returncode != 0
+        assert "Check nginx's configuration" in failed.output and "[emerg]" in failed.output, failed.output[-3000:]
+        assert front.exec("systemctl is-active nginx").strip() == "active"
+        served = {requests.get(front_url(scaled, "/"), timeout=10).json()["host"] for _ in range(10)}
+        assert served == {"web1", "web2"}
+    finally:
+        front.exec("rm -f /etc/nginx/conf.d/zz-broken.conf")
+    fixed = scaled.deploy()
+    assert fixed.returncode == 0, fixed.stderr[-3000:]

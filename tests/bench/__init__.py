@@ -46,6 +46,22 @@ SYSTEMD_RUN_OPTIONS = dict(
 )
 
 
+def wait_until(check, timeout: float = 60, interval: float = 0.5):
+    """Call ``check`` until it returns a true value; its value, or the last error at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{check} still false after {timeout}s")
+        time.sleep(interval)
+
+
 def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=300)
 
@@ -228,13 +244,11 @@ class Cluster:
         host.address = host.container.attrs["NetworkSettings"]["Networks"][self.id]["IPAddress"]
 
     def _wait_for_boot(self, host: Host, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = host.exec("systemctl is-system-running || true", check=True).strip()
-            if state in ("running", "degraded") and host.status("systemctl is-active -q ssh") == 0:
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"{host.name} did not boot within {timeout}s: {state}")
+        def booted() -> bool:
+            state = host.exec("systemctl is-system-running || true").strip()
+            return state in ("running", "degraded") and host.status("systemctl is-active -q ssh") == 0
+
+        wait_until(booted, timeout=timeout)
 
     def reboot(self, host: Host, timeout: float = 90) -> None:
         """Reboot ``host`` as a machine reboots: systemd shuts every unit down in order (Docker

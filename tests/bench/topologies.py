@@ -6,7 +6,16 @@ demo and the benchmarks.
 
 from __future__ import annotations
 
+import datetime
 import os
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from bench import host_ca_certificates
 
@@ -53,9 +62,31 @@ def bench_settings(**overrides: str) -> dict[str, str]:
         # from which the tests reach every service (set once the network exists).
         "firewall": "true",
     }
-    certificates = host_ca_certificates()
-    if certificates:
-        data["extra_ca_certificates"] = ",".join(certificates)
+    # The CAs this machine trusts beyond Debian's (egress to PyPI needs them here), and one of
+    # the bench's own, so the extra CA setting is exercised on any machine.
+    data["extra_ca_certificates"] = ",".join([*host_ca_certificates(), str(bench_ca())])
     if os.environ.get("STACK_BENCH_APT_PROXY"):
         data["apt_proxy"] = os.environ["STACK_BENCH_APT_PROXY"]
     return {**data, **overrides}
+
+
+@cache
+def bench_ca() -> Path:
+    """A self-signed CA certificate made for this process (its key is thrown away)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stackbench test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = Path(tempfile.mkdtemp(prefix="stackbench-ca-")) / "stackbench-ca.crt"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return path

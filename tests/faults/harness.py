@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from bench import Cluster
+from bench import Cluster, wait_until
 from clients import MANAGED_UNITS, RequestLoop, expected_answer, psql_from, web_url
 
 #: Outcomes of the session's faults, in order, for the summary table.
@@ -168,10 +168,10 @@ def queue_state(cluster: Cluster, queue: str = "celery") -> dict:
 
 def wait_healthy(cluster: Cluster, since: float) -> float:
     """Seconds from ``since`` until the stack is healthy; fails after RECOVERY_TIMEOUT."""
-    while not healthy(cluster):
-        if time.monotonic() - since > RECOVERY_TIMEOUT:
-            raise AssertionError(f"the stack was not healthy {RECOVERY_TIMEOUT}s after the fault")
-        time.sleep(0.25)
+    try:
+        wait_until(lambda: healthy(cluster), timeout=RECOVERY_TIMEOUT - (time.monotonic() - since), interval=0.25)
+    except AssertionError:
+        raise AssertionError(f"the stack was not healthy {RECOVERY_TIMEOUT}s after the fault") from None
     return time.monotonic() - since
 
 
@@ -262,7 +262,7 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
 
 def _wait_for_a_long_task(batch: Batch, timeout: float = 30) -> None:
     """Until a long task of the batch is running, so the fault lands mid-task."""
-    deadline = time.monotonic() + timeout
-    while not running_executions(batch.cluster, batch.ids(long_only=True)):
-        assert time.monotonic() < deadline, f"no long task started within {timeout}s"
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: running_executions(batch.cluster, batch.ids(long_only=True)), timeout=timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"no long task started within {timeout}s") from None
