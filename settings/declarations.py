@@ -2,7 +2,7 @@
 Every knob of the deployment, with its default and one sentence, in one place; and the secrets,
 each with the environment variable it comes from. ``settings/validation.py`` checks values and
 the whole inventory, ``settings/secrets.py`` reads the secrets, ``settings/docs.py`` renders the
-table README.md and docs/ show.
+table docs/settings.md shows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ APP_SECRET_PREFIX = "STACK_APP_"
 
 
 def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    """Declare a setting: its default, the sentence the README shows, and an optional check."""
+    """Declare a setting: its default, the sentence the settings table shows, and an optional check."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})
     return field(default=default, metadata={"help": help, "check": check})

@@ -1,5 +1,5 @@
 """
-The settings table that README.md's reference (docs/settings.md) shows, generated from the
+The settings table that docs/settings.md shows, generated from the
 declarations so the two never drift (tests/test_settings.py keeps them identical).
 """
 

@@ -83,7 +83,7 @@ def resolve(data: dict[str, Any]) -> tuple[Settings, list[str]]:
         if key in known or key in HOST_KEYS or key.startswith(PYINFRA_KEY_PREFIXES):
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"; did you mean {close[0]}?" if close else "; see the settings table in README.md"
+        hint = f"; did you mean {close[0]}?" if close else "; see the settings table in docs/settings.md"
         problems.append(f"unknown setting {key!r}{hint}")
 
     for item in fields(Settings):

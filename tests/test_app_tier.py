@@ -29,13 +29,13 @@ def test_units_active_enabled_and_running_as_the_app_user(deployed: Cluster):
     for group, units in APP_UNITS.items():
         for host in deployed.by_group(group):
             for unit in units:
-                assert host.exec(f"systemctl is-active {unit}").strip() == "active", (host.name, unit)
-                assert host.exec(f"systemctl is-enabled {unit}").strip() == "enabled", (host.name, unit)
+                service = host.node.service(unit)
+                assert service.is_running and service.is_enabled, (host.name, unit)
                 if unit.endswith(".socket"):
                     continue
-                assert host.exec(f"systemctl show -p Restart --value {unit}").strip() == "always"
+                assert service.systemd_properties["Restart"] == "always", (host.name, unit)
                 # The main process and its children (Celery's pool, Gunicorn's workers).
-                pid = host.exec(f"systemctl show -p MainPID --value {unit}").strip()
+                pid = service.systemd_properties["MainPID"]
                 users = host.exec(f"ps -o user= -p {pid}; ps -o user= --ppid {pid} || true").split()
                 assert set(users) == {APP}, (host.name, unit, users)
                 if unit != f"{APP}-beat.service":
@@ -44,9 +44,9 @@ def test_units_active_enabled_and_running_as_the_app_user(deployed: Cluster):
 
 def test_worker_stop_is_a_warm_shutdown_that_waits_for_the_longest_task(deployed: Cluster):
     for host in deployed.by_group("workers"):
-        properties = host.exec(f"systemctl show -p KillMode -p TimeoutStopUSec -p Type {APP}-worker.service")
-        assert "KillMode=mixed" in properties and "Type=exec" in properties
-        assert "TimeoutStopUSec=5min 30s" in properties  # celery_longest_task_seconds 300 + 30
+        properties = host.node.service(f"{APP}-worker.service").systemd_properties
+        assert (properties["KillMode"], properties["Type"]) == ("mixed", "exec")
+        assert properties["TimeoutStopUSec"] == "5min 30s"  # celery_longest_task_seconds 300 + 30
 
 
 def test_beat_runs_on_exactly_one_host_and_its_heartbeats_keep_arriving(deployed: Cluster):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import testinfra
 
 from bench import Cluster
 from bench.topologies import bench_ca
@@ -55,7 +54,7 @@ def test_files_holding_secrets_are_0640_and_not_world_readable(deployed: Cluster
     }
     for group, paths in expected.items():
         for host in deployed.by_group(group):
-            node = testinfra.get_host(f"docker://{host.container.name}")
+            node = host.node
             for path, user, owner_group in paths:
                 file = node.file(path)
                 assert (file.mode, file.user, file.group) == (0o640, user, owner_group), (host.name, path)

@@ -14,20 +14,19 @@ import pika
 import psycopg2
 import pytest
 import redis
-import testinfra
 
 from bench import Cluster
-from clients import PG_PORT, amqp, psql_from, redis_client, wait_until
+from clients import MANAGED_UNITS, PG_PORT, amqp, psql_from, redis_client, wait_until
 
 pytestmark = pytest.mark.bench
 
 
 def test_services_active_enabled_and_restarted_by_systemd(deployed: Cluster):
-    for group, unit in (("redis", "redis-server"), ("rabbitmq", "rabbitmq-server"), ("postgres", "postgresql@15-main")):
-        node = testinfra.get_host(f"docker://{deployed.one(group).container.name}")
-        service = node.service(unit)
-        assert service.is_running and service.is_enabled, unit
-        assert node.run(f"systemctl show -p Restart --value {unit}").stdout.strip() == "always", unit
+    for group in ("redis", "rabbitmq", "postgres"):
+        for unit in MANAGED_UNITS[group]:
+            service = deployed.one(group).node.service(unit)
+            assert service.is_running and service.is_enabled, unit
+            assert service.systemd_properties["Restart"] == "always", unit
 
 
 # -- Redis --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
 Least privilege, on both topologies: every unit we own is sandboxed and its exposure score
-(``systemd-analyze security``) is no worse than the one recorded here and in README.md; every
+(``systemd-analyze security``) is no worse than the one recorded here and in docs/security.md; every
 listening socket is on loopback or the host's private address; no secret appears in any
 deploy's output; every file on a host that holds a secret is one we expect, with mode 0640 and
 the right owners.
@@ -18,7 +18,7 @@ from clients import APP, REPORT
 pytestmark = pytest.mark.bench
 
 #: Exposure (0 = locked down, 10 = unprotected) measured on Debian 12's systemd 252; a change
-#: that makes a unit worse fails here. README.md, "Security", shows the same figures.
+#: that makes a unit worse fails here. docs/security.md shows the same figures.
 EXPOSURE = {
     f"{APP}-gunicorn.service": 1.1,
     f"{APP}-worker.service": 1.1,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+import testinfra
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -160,6 +161,11 @@ class Host:
 
     def status(self, command: str) -> int:
         return self.container.exec_run(["sh", "-c", command])[0]
+
+    @property
+    def node(self) -> testinfra.host.Host:
+        """testinfra's view of this host (``service``, ``file``, ``socket``...), over docker exec."""
+        return testinfra.get_host(f"docker://{self.container.name}")
 
 
 @dataclass

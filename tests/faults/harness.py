@@ -50,7 +50,7 @@ class Outcome:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    """The outcomes as the Markdown table the README shows under "What survives what"."""
+    """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
         "| fault | tasks submitted | succeeded | lost | executed twice | recovery (s) | refused by the API "
         "(retried) | longest API outage (s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
