@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup check test test-fast demo demo-down clean-bench settings-table
+.PHONY: setup check test test-fast demo demo-down clean-bench clean-bench-cache settings-table
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo-down: $(BIN)/.installed
 ## clean-bench: remove every container and network any bench run left on this machine
 clean-bench: $(BIN)/.installed
 	$(BIN)/python -c "from tests.bench import remove_all_bench_resources as clean; clean()"
+
+## clean-bench-cache: stop the bench's apt-cacher-ng and empty its apt and pip caches (tests/bench/caches.py)
+clean-bench-cache: $(BIN)/.installed
+	$(BIN)/python -c "from tests.bench import caches; caches.clear()"
 
 ## settings-table: rewrite the settings table of docs/settings.md from settings/declarations.py
 settings-table: $(BIN)/.installed

@@ -18,7 +18,6 @@ Set STACK_BENCH_APT_PROXY (e.g. an apt-cacher-ng on this machine) to measure wit
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -88,7 +87,7 @@ def floor(workdir: Path, packages: list[str]) -> float:
                     PROJECT_DIR / "files" / name / ("requirements.txt" if name == "app" else "flower-requirements.txt")
                 ),
             )
-        proxy = os.environ.get("STACK_BENCH_APT_PROXY")
+        proxy = cluster.data.get("apt_proxy")
         script = " && ".join(
             [
                 "update-ca-certificates >/dev/null",

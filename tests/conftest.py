@@ -37,16 +37,24 @@ def base_image() -> str:
 
 @pytest.fixture(scope="session")
 def converge(base_image, tmp_path_factory):
-    """``converge(name, topology, idempotence=True, arguments=(), secrets=None, **settings)``:
-    a context manager that creates the containers of ``topology``, deploys with ``settings``,
-    extra pyinfra ``arguments`` and extra ``secrets`` in the environment (and, with
-    ``idempotence``, deploys again), yields the cluster and destroys it, whatever happened."""
+    """``converge(name, topology, idempotence=True, arguments=(), secrets=None, pip_cache=True,
+    **settings)``: a context manager that creates the containers of ``topology``, deploys with
+    ``settings``, extra pyinfra ``arguments`` and extra ``secrets`` in the environment (and,
+    with ``idempotence``, deploys again), yields the cluster and destroys it, whatever
+    happened. ``pip_cache=False`` keeps the machine's pip cache out of its containers."""
 
     @contextmanager
     def converged(
-        name: str, topology: dict, idempotence: bool = True, arguments=(), secrets=None, **settings: str
+        name: str,
+        topology: dict,
+        idempotence: bool = True,
+        arguments=(),
+        secrets=None,
+        pip_cache: bool = True,
+        **settings: str,
     ) -> Iterator[Cluster]:
         cluster = Cluster(topology, base_image, tmp_path_factory.mktemp(name), data=bench_settings(**settings))
+        cluster.pip_cache = pip_cache
         cluster.name = name
         cluster.arguments = list(arguments)
         cluster.secrets.update(secrets or {})

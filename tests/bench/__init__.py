@@ -28,6 +28,8 @@ import testinfra
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from . import caches
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent
 IMAGE_SCRIPT = BENCH_DIR / "base-image.sh"
@@ -189,6 +191,9 @@ class Cluster:
     receiver: object = None
     #: Extra arguments of every ``pyinfra`` run (e.g. ``--group-data DIR``).
     arguments: list[str] = field(default_factory=list)
+    #: Whether its containers use this machine's apt and pip caches (tests/bench/caches.py).
+    apt_cache: bool = True
+    pip_cache: bool = True
 
     def __post_init__(self) -> None:
         self.client = docker_client()
@@ -201,6 +206,12 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key, public_key = generate_ssh_key(self.workdir)
         self.client.networks.create(self.id, driver="bridge", labels={LABEL: self.id})
+        proxy = caches.apt_proxy() if self.apt_cache else None
+        if proxy:
+            self.data.setdefault("apt_proxy", proxy)
+        options = dict(SYSTEMD_RUN_OPTIONS)
+        if self.pip_cache:
+            options["volumes"] = {**SYSTEMD_RUN_OPTIONS["volumes"], **caches.pip_cache_volume()}
         for name, groups in self.topology.items():
             container = self.client.containers.run(
                 self.image,
@@ -209,7 +220,7 @@ class Cluster:
                 detach=True,
                 network=self.id,
                 labels={LABEL: self.id, f"{LABEL}.host": name},
-                **SYSTEMD_RUN_OPTIONS,
+                **options,
             )
             self.hosts[name] = Host(name, groups, container)
         for host in self.hosts.values():

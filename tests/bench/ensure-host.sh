@@ -1,6 +1,6 @@
 #!/bin/sh
-# Make this machine able to run the bench: Python's venv module, debootstrap, and a Docker
-# engine that answers. On Debian as root, what is missing is installed from Debian's archive
+# Make this machine able to run the bench: Python's venv module, debootstrap, a Docker engine
+# that answers, and apt-cacher-ng for the bench's apt cache. On Debian as root, what is missing is installed from Debian's archive
 # (docker.io, not Docker's own repository); anywhere else it says what to install and stops.
 set -eu
 
@@ -8,6 +8,11 @@ missing=""
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3-venv"
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$missing debootstrap"
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing="$missing docker.io"
+# The bench's apt cache (tests/bench/caches.py), optional. Where systemd runs the machine,
+# installing it would also start Debian's own apt-cacher-ng service: that choice is left to you.
+if [ ! -x /usr/sbin/apt-cacher-ng ] && [ ! -d /run/systemd/system ] && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+    missing="$missing apt-cacher-ng"
+fi
 
 if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then

@@ -47,7 +47,10 @@ def _read_env(path: Path) -> dict[str, str]:
 def up() -> None:
     started = time.monotonic()
     SANDBOX_DIR.mkdir(exist_ok=True)
-    cluster = Cluster(TOPOLOGY, ensure_base_image(), SANDBOX_DIR, id=SANDBOX_ID, keep=True)
+    # Long-lived containers of your own: nothing mounted from, or proxied through, the bench's caches.
+    cluster = Cluster(
+        TOPOLOGY, ensure_base_image(), SANDBOX_DIR, id=SANDBOX_ID, keep=True, apt_cache=False, pip_cache=False
+    )
     if cluster.attach():
         print(f"demo: reusing the running sandbox {SANDBOX_ID}")
     else:

@@ -7,7 +7,6 @@ demo and the benchmarks.
 from __future__ import annotations
 
 import datetime
-import os
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench import host_ca_certificates
+from . import host_ca_certificates
 
 DATA = ["redis", "rabbitmq", "postgres"]
 APP = ["web", "workers", "beat"]
@@ -65,8 +64,6 @@ def bench_settings(**overrides: str) -> dict[str, str]:
     # The CAs this machine trusts beyond Debian's (egress to PyPI needs them here), and one of
     # the bench's own, so the extra CA setting is exercised on any machine.
     data["extra_ca_certificates"] = ",".join([*host_ca_certificates(), str(bench_ca())])
-    if os.environ.get("STACK_BENCH_APT_PROXY"):
-        data["apt_proxy"] = os.environ["STACK_BENCH_APT_PROXY"]
     return {**data, **overrides}
 
 
