@@ -113,28 +113,32 @@ def _server_url(wiring: Wiring, scheme: str, group: str, password: str, user_por
 
 def broker_url(run: Run) -> str:
     """URL of the chosen broker, with the application's credentials."""
-    password = run.secrets.redis_password
+    secrets, wiring = run.secrets, run.wiring
     if run.node.config.celery_broker == "redis":
-        return _server_url(run.wiring, "redis", "redis", password, lambda s: ("", s.redis_port, s.redis_broker_db))
+        return _server_url(
+            wiring, "redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_broker_db)
+        )
     return _server_url(
-        run.wiring,
+        wiring,
         "amqp",
         "rabbitmq",
-        run.secrets.rabbitmq_password,
+        secrets.rabbitmq_password,
         lambda s: (s.rabbitmq_user, s.rabbitmq_port, s.rabbitmq_vhost),
     )
 
 
 def result_backend_url(run: Run) -> str:
     """URL of the chosen result store: Celery's database backend on PostgreSQL, or Redis."""
-    password = run.secrets.redis_password
+    secrets, wiring = run.secrets, run.wiring
     if run.node.config.celery_result_backend == "redis":
-        return _server_url(run.wiring, "redis", "redis", password, lambda s: ("", s.redis_port, s.redis_result_db))
+        return _server_url(
+            wiring, "redis", "redis", secrets.redis_password, lambda s: ("", s.redis_port, s.redis_result_db)
+        )
     return _server_url(
-        run.wiring,
+        wiring,
         "db+postgresql+psycopg2",
         "postgres",
-        run.secrets.postgresql_password,
+        secrets.postgresql_password,
         lambda s: (s.postgresql_user, s.postgresql_port, s.postgresql_database),
     )
 
