@@ -176,6 +176,17 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
     finally:
         repository.close()
         monitor.exec("rm -f /etc/apt/sources.list.d/grafana.list /etc/apt/keyrings/grafana.asc && apt-get update -qq")
+    # Grafana off again: what its declaration adds to the monitoring host's wiring (its port in
+    # the firewall, its unit among node_exporter's watched ones) is taken back, and only that.
+    restore = deployed.deploy()
+    assert restore.returncode == 0, restore.stderr[-4000:]
+    wiring = {
+        "Firewall | Write the firewall's table (each service port open to the groups that use it)",
+        "Firewall | Replace the firewall's table atomically with the changed one",
+        "Monitoring exporters | Configure node_exporter (private address)",
+        "Monitoring exporters | Restart node_exporter to apply the changed configuration",
+    }
+    assert set(restore.changed) <= {f"{operation} @ {monitor.address}" for operation in wiring}, restore.changed
     again = deployed.deploy()
     assert again.returncode == 0 and again.changed == [], again.changed
 
