@@ -191,7 +191,7 @@ class Cluster:
     receiver: object = None
     #: Extra arguments of every ``pyinfra`` run (e.g. ``--group-data DIR``).
     arguments: list[str] = field(default_factory=list)
-    #: Whether its containers use this machine's apt and pip caches (tests/bench/caches.py).
+    #: Whether its containers use this machine's apt cache and wheelhouse (tests/bench/caches.py).
     apt_cache: bool = True
     pip_cache: bool = True
 
@@ -210,8 +210,10 @@ class Cluster:
         if proxy:
             self.data.setdefault("apt_proxy", proxy)
         options = dict(SYSTEMD_RUN_OPTIONS)
-        if self.pip_cache:
-            options["volumes"] = {**SYSTEMD_RUN_OPTIONS["volumes"], **caches.pip_cache_volume()}
+        wheels = caches.wheelhouse(PROJECT_DIR, self.image, self.client) if self.pip_cache else None
+        if wheels:
+            wheelhouse = {str(wheels): {"bind": caches.CONTAINER_WHEELHOUSE, "mode": "ro"}}
+            options["volumes"] = {**SYSTEMD_RUN_OPTIONS["volumes"], **wheelhouse}
         for name, groups in self.topology.items():
             container = self.client.containers.run(
                 self.image,
@@ -231,6 +233,8 @@ class Cluster:
                 f"echo '{public_key}' > /home/{SSH_USER}/.ssh/authorized_keys && "
                 f"chown {SSH_USER}: /home/{SSH_USER}/.ssh/authorized_keys"
             )
+            if wheels:
+                host.exec(f"printf '{caches.CONTAINER_PIP_CONF}' > /etc/pip.conf")
         self.write_hosts_file()
         return self
 

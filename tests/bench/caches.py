@@ -6,9 +6,15 @@ Caches of what the bench downloads, so that each package crosses the network onc
   cache of its own, listening on Docker's own bridge address only (every bench network reaches
   this machine there; nothing outside it does) and serving Debian's archive only; every
   container's apt goes through it by the deploy's own ``apt_proxy`` setting.
-- pip: one pip cache directory on this machine, mounted where the deploy's pip (run as root by
-  ``sudo -H``) keeps its cache in every container, ``/root/.cache/pip``: downloaded files and
-  the wheels pip builds from source distributions.
+- pip: a wheelhouse of the reference application's and Flower's pinned requirements for the
+  containers' Python (downloaded once per machine by pip in a container of the bench's image),
+  mounted read-only into every container and made the only package source there by the
+  machine's own pip configuration
+  (``/etc/pip.conf``: ``find-links``, ``no-index``; with the index as well, pip prefers the
+  index's copy of the same file). A bench deploy that needs anything else fails, naming the
+  missing package: a suite that installs other packages goes without it (``pip_cache=False``).
+  pip's own HTTP cache is no help here: the TLS-intercepting egress of our machines strips the
+  caching headers, so pip caches nothing.
 
 Both live under ``CACHE_DIR`` (``STACK_BENCH_CACHE_DIR``, default /var/cache/stackbench);
 ``make clean-bench-cache`` empties them. ``STACK_BENCH_CACHE=off`` turns both off, for a cold
@@ -17,6 +23,7 @@ measurement; ``STACK_BENCH_APT_PROXY`` points apt at a cache of your own instead
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -30,8 +37,11 @@ APT_PORT = 3149
 APT_CACHER = "/usr/sbin/apt-cacher-ng"
 #: apt-cacher-ng fetches Debian's archive from here (its packaged mirror list may be empty).
 DEBIAN_ARCHIVE = "http://deb.debian.org/debian/"
-#: Where the deploy's pip keeps its cache in a container.
-CONTAINER_PIP_CACHE = "/root/.cache/pip"
+#: The requirements the wheelhouse holds, relative to the project.
+WHEELHOUSE_REQUIREMENTS = ("files/app/requirements.txt", "files/monitoring/flower-requirements.txt")
+#: Where a container finds the wheelhouse, and the machine-wide pip configuration naming it.
+CONTAINER_WHEELHOUSE = "/var/cache/stackbench-wheels"
+CONTAINER_PIP_CONF = f"[global]\nfind-links = {CONTAINER_WHEELHOUSE}\nno-index = true\n"
 
 
 def enabled() -> bool:
@@ -102,14 +112,40 @@ def apt_proxy() -> str | None:
     return f"http://{address}:{APT_PORT}"
 
 
-def pip_cache_volume() -> dict[str, dict[str, str]]:
-    """The docker volume that shares this machine's pip cache with a container; none when
-    caching is off."""
+def wheelhouse(project: Path, image: str, client) -> Path | None:
+    """The wheelhouse of ``WHEELHOUSE_REQUIREMENTS`` for the containers of ``image``: downloaded
+    by pip inside a container of that image (its Python decides environment markers, e.g.
+    ``python_full_version < "3.11.3"``), through the apt cache and with this machine's extra
+    CAs, again whenever the requirements or the image changed (a stamp); None when caching is
+    off."""
     if not enabled():
-        return {}
-    directory = CACHE_DIR / "pip"
+        return None
+    requirements = [project / name for name in WHEELHOUSE_REQUIREMENTS]
+    digest = hashlib.sha256(image.encode() + b"".join(path.read_bytes() for path in requirements)).hexdigest()
+    directory = CACHE_DIR / "wheels" / digest[:16]
+    stamp = directory / ".complete"
+    if stamp.exists():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
-    return {str(directory): {"bind": CONTAINER_PIP_CACHE, "mode": "rw"}}
+    proxy = apt_proxy()
+    apt = f"apt-get -qq -o Acquire::http::Proxy={proxy}" if proxy else "apt-get -qq"
+    pip = "/tmp/venv/bin/pip download --quiet --cert /etc/ssl/certs/ca-certificates.crt --dest /wheels"
+    script = " && ".join(
+        [
+            f"{apt} update >/dev/null",
+            f"DEBIAN_FRONTEND=noninteractive {apt} install -y --no-install-recommends python3-venv >/dev/null",
+            "update-ca-certificates >/dev/null",
+            "python3 -m venv /tmp/venv",
+            # Each file on its own: the two venvs are resolved apart.
+            *(f"{pip} --requirement /requirements/{path.name}" for path in requirements),
+        ]
+    )
+    volumes = {str(directory): {"bind": "/wheels", "mode": "rw"}}
+    volumes.update({str(path): {"bind": f"/requirements/{path.name}", "mode": "ro"} for path in requirements})
+    volumes["/usr/local/share/ca-certificates"] = {"bind": "/usr/local/share/ca-certificates", "mode": "ro"}
+    client.containers.run(image, ["sh", "-c", script], volumes=volumes, remove=True)
+    stamp.touch()
+    return directory
 
 
 def clear() -> None:
