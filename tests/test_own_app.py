@@ -172,7 +172,8 @@ def own_app(converge, tmp_path_factory) -> Cluster:
         topology,
         arguments=["--group-data", str(group_data)],
         secrets={"STACK_APP_ACME_SIGNING_KEY": SIGNING_KEY},
-        # No pip cache: the wheel of psycopg2 is compiled on the host in every run, not reused.
+        # No wheelhouse (it holds the reference app's pins only): packages come from PyPI, and
+        # psycopg2 is compiled on the host in every run.
         pip_cache=False,
         app_source=f"file://{root}",
         **SETTINGS,
