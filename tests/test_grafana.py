@@ -149,6 +149,10 @@ class _Repository:
 def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster, tmp_path: Path):
     monitor = deployed.one("monitoring")
     repository = _Repository(tmp_path, deployed.gateway)
+    # The bench's apt cache serves Debian's archive only: the monitoring host reaches this
+    # test's repository, on this machine, directly.
+    direct = "/etc/apt/apt.conf.d/79stackbench-direct"
+    monitor.exec(f"echo 'Acquire::http::Proxy::{deployed.gateway} \"DIRECT\";' > {direct}")
     try:
         run = deployed.deploy(
             "--data",
@@ -175,10 +179,13 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
         assert "Install Grafana" in run.stderr and "grafana" in run.stderr
     finally:
         repository.close()
-        monitor.exec("rm -f /etc/apt/sources.list.d/grafana.list /etc/apt/keyrings/grafana.asc && apt-get update -qq")
-    # Grafana off again: what its declaration adds to the monitoring host's wiring (its port in
-    # the firewall, its unit among node_exporter's watched ones) is taken back, and only that.
-    restore = deployed.deploy()
+        monitor.exec(f"rm -f /etc/apt/sources.list.d/grafana.list /etc/apt/keyrings/grafana.asc {direct}")
+        monitor.exec("apt-get update -qq")
+        # Grafana off again, even when the test failed, so the shared topology is steady for
+        # the tests after this one.
+        restore = deployed.deploy()
+    # What Grafana's declaration adds to the monitoring host's wiring (its port in the
+    # firewall, its unit among node_exporter's watched ones) is taken back, and only that.
     assert restore.returncode == 0, restore.stderr[-4000:]
     wiring = {
         "Firewall | Write the firewall's table (each service port open to the groups that use it)",
