@@ -41,7 +41,7 @@ def converge(base_image, tmp_path_factory):
     **settings)``: a context manager that creates the containers of ``topology``, deploys with
     ``settings``, extra pyinfra ``arguments`` and extra ``secrets`` in the environment (and,
     with ``idempotence``, deploys again), yields the cluster and destroys it, whatever
-    happened. ``pip_cache=False`` keeps the machine's pip cache out of its containers."""
+    happened. ``pip_cache=False`` keeps the bench's wheelhouse out of its containers."""
 
     @contextmanager
     def converged(
