@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+import requests
 
 from bench import Cluster
 from clients import (
@@ -41,10 +42,22 @@ def switch(cluster: Cluster, broker: str, backend: str):
     return run
 
 
+def flower_sees_every_worker(cluster: Cluster) -> bool:
+    """Whether Flower, on the beat host, serves its metrics and counts every worker host online."""
+    metrics = requests.get(f"http://{cluster.one('beat').address}:5555/metrics", timeout=5).text
+    online = [
+        line for line in metrics.splitlines() if line.startswith("flower_worker_online{") and line.endswith(" 1.0")
+    ]
+    return len(online) == len(cluster.by_group("workers"))
+
+
 @pytest.mark.parametrize("broker, backend", COMBINATIONS, ids=[f"{b}+{r}" for b, r in COMBINATIONS])
 def test_every_broker_and_backend_combination_carries_tasks_end_to_end(deployed: Cluster, broker, backend):
+    """Tasks travel end to end, and Flower (Celery's metrics for Prometheus) runs on that
+    broker too and sees every worker."""
     switch(deployed, broker, backend)
     check_task_end_to_end(deployed, backend=backend)
+    wait_until(lambda: flower_sees_every_worker(deployed), timeout=60)
 
 
 @pytest.mark.parametrize("fault", ["systemctl restart redis-server", "pkill -9 -x redis-server"])
