@@ -1,10 +1,11 @@
 """
 The optional host firewall (setting ``firewall``): Debian's nftables, with one table of ours,
-``inet stack``, that opens each service port of this host only to the inventory groups that use
-it (and to ``firewall_admin_sources``): the web port only to the front hosts when there are
-some, to everyone otherwise. Every other port, SSH included, is left as it was: the
-table only drops what it knows, so it cannot lock the operator out, and it never touches the
-rules of anyone else (Docker's, the distribution's ``/etc/nftables.conf``).
+``inet stack``, that opens each service port of this host only to the inventory groups that
+connect to it, as the services declare their ports (tasks/service.py: a scraped port is also
+open to the monitoring host; the web port is open to the front hosts when there are some, to
+everyone otherwise), and to ``firewall_admin_sources``. Every other port, SSH included, is left
+as it was: the table only drops what it knows, so it cannot lock the operator out, and it
+never touches the rules of anyone else (Docker's, the distribution's ``/etc/nftables.conf``).
 
 The table is loaded by a oneshot unit of ours at boot and replaced atomically when its file
 changes (``nft -f`` applies the whole file in one transaction).
