@@ -64,12 +64,11 @@ def wiring(inventory: Any) -> Wiring:
 def units_by_group(
     groups: tuple[str, ...] = settings.GROUPS, release: tuple[str, int] = ("Debian", 12), **config: Any
 ) -> dict[str, list[str]]:
-    """Group → the units a host of only that group runs (no monitoring host in the inventory),
-    with default settings overridden by ``config``: what the tests expect to find."""
-    present = frozenset(groups)
-    settings_ = settings.Settings(**config)
-    units = {}
-    for group in groups:
-        node = Node(group, frozenset({group}), settings_, "192.0.2.1", present, lambda: release)
-        units[group] = sorted({unit for service in SERVICES if service.runs_on(node) for unit in service.units(node)})
-    return units
+    """Group → the units a host in only that group runs, in an inventory of exactly ``groups``
+    on ``release``, with default settings overridden by ``config``: what the tests expect."""
+    present, settings_ = frozenset(groups), settings.Settings(**config)
+    wiring = Wiring(SERVICES, ())
+    return {
+        group: wiring.units(Node(group, frozenset({group}), settings_, "192.0.2.1", present, lambda: release))
+        for group in groups
+    }
