@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+#: The older Debian release the core run checks (the whole suite runs on the newest: tests/bench).
+CORE_DEBIAN ?= bookworm
+#: After a failed pytest: say so loudly when it failed because it collected no test (exit 5).
+NO_TESTS = { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests (exit 5): nothing was verified" >&2; exit $$status; }
 
-.PHONY: setup check test test-fast demo demo-down clean-bench clean-bench-cache settings-table
+.PHONY: setup check test test-core test-fast demo demo-down clean-bench clean-bench-cache settings-table
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +26,18 @@ check: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## test: the whole suite: the checks above, then every topology deployed into containers
+## test: the checks above, the whole suite on Debian 13 (every topology in containers), then the core run on Debian 12
 test: check setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS) || $(NO_TESTS)
+	$(MAKE) --no-print-directory test-core
+
+## test-core: the core run (tests marked core, all-in-one and fault hosts) on Debian 12
+test-core: check setup
+	STACK_BENCH_DEBIAN=$(CORE_DEBIAN) $(BIN)/pytest -m core -k "not split" $(PYTEST_ARGS) || $(NO_TESTS)
 
 ## test-fast: the checks and the tests that need no container
 test-fast: check
-	$(BIN)/pytest -m "not bench" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not bench" $(PYTEST_ARGS) || $(NO_TESTS)
 
 ## demo: the split topology in local containers, deployed with `pyinfra inventory.py deploy.py`
 demo: setup

@@ -292,7 +292,7 @@ def _venv(config: settings.Settings, source: Source) -> OperationMeta | None:
     commands = []
     if source.is_tree and config.app_requirements and not config.app_requirements.endswith("pyproject.toml"):
         commands.append(
-            f"{pip_path} install --quiet {' '.join(options)} --requirement {home}/src/{config.app_requirements} {extras}"
+            f"{pip_path} install {' '.join(options)} --requirement {home}/src/{config.app_requirements} {extras}"
         )
         fingerprint.append((source.path / config.app_requirements).read_text())
     elif source.is_tree and config.app_requirements:
@@ -303,7 +303,7 @@ def _venv(config: settings.Settings, source: Source) -> OperationMeta | None:
         commands += _install_project(pip_path, f"{home}/dist/{source.path.name}", options, extras)
         fingerprint.append(hashlib.sha256(source.path.read_bytes()).hexdigest())
     elif extras:
-        commands.append(f"{pip_path} install --quiet {' '.join(options)} {extras}")
+        commands.append(f"{pip_path} install {' '.join(options)} {extras}")
     return python_venv(
         config,
         Venv(
@@ -322,8 +322,8 @@ def _install_project(pip_path: str, target: str, options: list[str], extras: str
     version says (new code often keeps the version). A source tree is built from a copy, since
     pip builds in place and would leave files in the synced tree."""
     install = [
-        f"{pip_path} install --quiet {' '.join(options)} {target} {extras}",
-        f"{pip_path} install --quiet --no-deps --force-reinstall {target}",
+        f"{pip_path} install {' '.join(options)} {target} {extras}",
+        f"{pip_path} install --no-deps --force-reinstall {target}",
     ]
     if not copy_from:
         return install
@@ -344,7 +344,7 @@ def _flower_venv(config: settings.Settings) -> OperationMeta | None:
             path=venv,
             what="Flower",
             python="python3",
-            commands=[f"{venv}/bin/pip install --quiet --requirement {venv}/requirements.txt"],
+            commands=[f"{venv}/bin/pip install --requirement {venv}/requirements.txt"],
             fingerprint=requirements.read_text(),
             uploads={requirements: f"{venv}/requirements.txt"},
         ),
@@ -384,7 +384,19 @@ def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
         return None
     return server.shell(
         name=f"Install the Python packages of {what} into its venv",
-        commands=[*venv.commands, f"echo {wanted} > {stamp_file}"],
+        commands=[_explained(venv), f"echo {wanted} > {stamp_file}"],
+    )
+
+
+def _explained(venv: Venv) -> str:
+    """``venv``'s install commands with pip's output in a log (0600: an index URL may carry a
+    token) and, when they fail, a few lines that name what failed instead of pip's wall of
+    compiler output (files/venv/pip_failure.py, run by the venv's Python from standard input)."""
+    log = f"{venv.path}/pip-install.log"
+    explain = (FILES_DIR / "venv" / "pip_failure.py").read_text()
+    return (
+        f"install -m 0600 /dev/null {log} && {{ {' && '.join(f'( {command} )' for command in venv.commands)}; }} >> {log} 2>&1 || "
+        f"{{ {venv.path}/bin/python - {log} {shlex.quote(venv.python)} <<'PIP_FAILURE'\n{explain}PIP_FAILURE\nexit 1; }}"
     )
 
 

@@ -24,25 +24,24 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, postgres, systemd
 
 import settings
-from tasks import packaged_service, render
+from tasks import packaged_service, releases, render
 from tasks.service import Node, Port, Run, Service
 
-#: Default PostgreSQL major version of each release, as its "postgresql" package installs.
-DEFAULT_VERSIONS = {("Debian", 12): "15", ("Debian", 13): "17", ("Ubuntu", 22): "14", ("Ubuntu", 24): "16"}
 SCRAM_ITERATIONS = 4096
 
 
 def version(node: Node) -> str:
-    """PostgreSQL major version on ``node``: the setting, or its release's default."""
+    """PostgreSQL major version on ``node``: the setting, or its release's (tasks/releases.py)."""
     if node.config.postgresql_version != "auto":
         return node.config.postgresql_version
-    release = node.release()
-    if release not in DEFAULT_VERSIONS:
+    release = releases.known(node.release())
+    if release is None:
+        name, major = node.release()
         raise settings.SettingsError(
-            f"host {node.name}: no known default PostgreSQL version for {release[0]} {release[1]}; "
+            f"host {node.name}: no known default PostgreSQL version for {name} {major} (known: {releases.names()}); "
             "set postgresql_version (e.g. in group_data/all.py)"
         )
-    return DEFAULT_VERSIONS[release]
+    return release.postgresql
 
 
 def unit(node: Node) -> str:

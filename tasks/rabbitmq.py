@@ -133,10 +133,16 @@ def rabbitmq_server(run: Run) -> None:
     if wanted:
         server.shell(
             name=f"Create or update vhost {config.rabbitmq_vhost} and user {config.rabbitmq_user}",
-            # A StringCommand quotes the JSON for the shell (pyinfra's hint says str only).
+            # From a file: RabbitMQ 4's CLI runs Erlang with -noinput, so reading the definitions
+            # from standard input waits forever (seen on Debian 13); 3.x reads a file alike. The
+            # file holds a salted hash, not the password, and lives only for the command. A
+            # StringCommand quotes the JSON for the shell (pyinfra's hint says str only).
             commands=[
                 StringCommand(  # type: ignore[list-item]
-                    "printf '%s'", QuoteString(json.dumps(wanted)), "| rabbitmqctl -q import_definitions"
+                    'definitions=$(mktemp) && printf "%s"',
+                    QuoteString(json.dumps(wanted)),
+                    '> "$definitions" && chown rabbitmq "$definitions" && '
+                    'rabbitmqctl -q import_definitions "$definitions"; status=$?; rm -f "$definitions"; exit $status',
                 )
             ],
         )

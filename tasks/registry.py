@@ -61,14 +61,31 @@ def wiring(inventory: Any) -> Wiring:
     return Wiring(SERVICES, nodes)
 
 
+def example(
+    groups: tuple[str, ...], present: tuple[str, ...], release: tuple[str, int], **config: Any
+) -> tuple[Wiring, Node]:
+    """A host in exactly ``groups`` on ``release``, in an inventory of ``present`` groups, with
+    default settings overridden by ``config``, and the wiring that reads it: what the tests
+    expect of a host without deploying one."""
+    node = Node(
+        groups[0], frozenset(groups), settings.Settings(**config), "192.0.2.1", frozenset(present), lambda: release
+    )
+    return Wiring(SERVICES, ()), node
+
+
 def units_by_group(
     groups: tuple[str, ...] = settings.GROUPS, release: tuple[str, int] = ("Debian", 12), **config: Any
 ) -> dict[str, list[str]]:
     """Group → the units a host in only that group runs, in an inventory of exactly ``groups``
     on ``release``, with default settings overridden by ``config``: what the tests expect."""
-    present, settings_ = frozenset(groups), settings.Settings(**config)
-    wiring = Wiring(SERVICES, ())
-    return {
-        group: wiring.units(Node(group, frozenset({group}), settings_, "192.0.2.1", present, lambda: release))
-        for group in groups
-    }
+    units = {}
+    for group in groups:
+        wiring, node = example((group,), groups, release, **config)
+        units[group] = wiring.units(node)
+    return units
+
+
+def packages_of(groups: tuple[str, ...], release: tuple[str, int], **config: Any) -> list[str]:
+    """The Debian packages a host in exactly ``groups`` (and the only host) installs on ``release``."""
+    wiring, node = example(groups, groups, release, **config)
+    return wiring.packages(node)

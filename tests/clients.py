@@ -14,7 +14,7 @@ import pika
 import redis
 import requests
 
-from bench import Cluster, Host, wait_until
+from bench import DEBIAN_RELEASES, Cluster, Host, debian_release, wait_until
 from settings import APP_GROUPS
 from tasks import registry
 
@@ -23,7 +23,10 @@ REDIS_BROKER_DB, REDIS_RESULT_DB = 0, 1
 APP = "stackapp"
 #: Group → the units of the stack's own services that its hosts run (as the service declarations
 #: of tasks/ say, with the default settings on the bench's Debian release; monitoring apart).
-MANAGED_UNITS = registry.units_by_group(("redis", "rabbitmq", "postgres", "web", "workers", "beat"))
+RELEASE = DEBIAN_RELEASES[debian_release()]
+MANAGED_UNITS = registry.units_by_group(("redis", "rabbitmq", "postgres", "web", "workers", "beat"), RELEASE)
+#: PostgreSQL's unit on the bench's release (postgresql@<major>-main).
+POSTGRESQL_UNIT = MANAGED_UNITS["postgres"][0]
 #: Group → the application units its hosts run.
 APP_UNITS = {group: MANAGED_UNITS[group] for group in APP_GROUPS}
 

@@ -21,6 +21,7 @@ from clients import APP, APP_UNITS, RequestLoop, check_task_end_to_end, psql_fro
 pytestmark = pytest.mark.bench
 
 
+@pytest.mark.core
 def test_task_travels_end_to_end_through_every_web_host(deployed: Cluster):
     assert check_task_end_to_end(deployed)
 

@@ -16,11 +16,13 @@ from bench.topologies import bench_ca
 pytestmark = pytest.mark.bench
 
 
+@pytest.mark.core
 def test_converge_succeeds(deployed: Cluster):
     run = deployed.runs[0]
     assert run.returncode == 0, f"fresh deploy failed:\n{run.stderr[-6000:]}"
 
 
+@pytest.mark.core
 def test_second_run_changes_nothing(deployed: Cluster):
     assert len(deployed.runs) >= 2, "the idempotence run did not happen (the fresh deploy failed)"
     rerun = deployed.runs[1]

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from bench import Cluster
-from clients import MANAGED_UNITS, PG_PORT, amqp, psql_from, redis_client, wait_until
+from clients import MANAGED_UNITS, PG_PORT, amqp, check_task_end_to_end, psql_from, redis_client, wait_until
 
 pytestmark = pytest.mark.bench
 
@@ -109,6 +109,27 @@ def test_rabbitmq_limits_and_prometheus_plugin(deployed: Cluster):
         f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{node.address}:15692/metrics').read().decode())\""
     )
     assert "rabbitmq_build_info" in metrics
+
+
+def test_the_stack_uses_no_deprecated_rabbitmq_feature(deployed: Cluster):
+    """RabbitMQ 4 turns its deprecated features off release after release (global QoS, transient
+    non-exclusive queues...): with the workers, beat, Flower and the API connected and a task
+    run, RabbitMQ reports none in use. A transient non-exclusive queue declared here shows that
+    the report would name one."""
+    node = deployed.one("rabbitmq")
+    report = "rabbitmq-diagnostics -q check_if_any_deprecated_features_are_used"
+    if node.status("rabbitmq-diagnostics help | grep -q check_if_any_deprecated_features_are_used") != 0:
+        pytest.skip("this RabbitMQ (before 3.13) has no report of deprecated features in use")
+    check_task_end_to_end(deployed)
+    assert node.status(report) == 0, node.exec(report, check=False)
+    connection, probe = amqp(deployed), f"probe-{uuid.uuid4()}"
+    channel = connection.channel()
+    try:
+        channel.queue_declare(probe, durable=False, exclusive=False)
+        wait_until(lambda: "transient_nonexcl_queues" in node.exec(report, check=False), timeout=30)
+    finally:
+        channel.queue_delete(probe)
+        connection.close()
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------

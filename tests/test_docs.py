@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import settings
+from tasks.releases import RELEASES
 
 DOCUMENTS = [settings.PROJECT_DIR / "README.md", *sorted((settings.PROJECT_DIR / "docs").glob("*.md"))]
 
@@ -28,3 +29,12 @@ def test_every_link_between_documents_resolves():
     for path in DOCUMENTS:
         for target in re.findall(r"\]\(([^)#:]+)\)", path.read_text()):
             assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+
+
+def test_the_readme_says_of_every_known_release_whether_it_is_tested():
+    rows = [line for line in (settings.PROJECT_DIR / "README.md").read_text().splitlines() if line.startswith("| ")]
+    for release in RELEASES:
+        row = next((row for row in rows if release.title in row), None)
+        assert row, f"README's table of supported systems does not name {release.title}"
+        state = row.split("|")[2].strip()
+        assert state.split(":")[0] == ("tested" if release.tested else "untested"), row

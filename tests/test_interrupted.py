@@ -17,7 +17,8 @@ import pytest
 
 from bench import PROJECT_DIR, Cluster
 from bench.topologies import TOPOLOGIES, bench_settings
-from clients import MANAGED_UNITS, check_task_end_to_end, wait_until
+from clients import MANAGED_UNITS, RELEASE, check_task_end_to_end, wait_until
+from tasks import registry
 
 pytestmark = pytest.mark.bench
 
@@ -61,8 +62,8 @@ def state(cluster: Cluster) -> dict[str, object]:
     }
 
 
-#: Packages of the all-in-one host's roles, installed by the transaction the kill interrupts.
-ROLE_PACKAGES = "redis-server rabbitmq-server postgresql-15 prometheus prometheus-alertmanager python3-venv"
+#: Packages of the all-in-one host's roles on the bench's release: the transaction the kill interrupts.
+ROLE_PACKAGES = " ".join(registry.packages_of(tuple(TOPOLOGIES["all-in-one"]["aio"]), RELEASE))
 
 
 def apt_work_pending(host) -> str:

@@ -228,6 +228,35 @@ def test_worker_uses_the_groups_concurrency_and_the_deploys_delivery_settings(ow
     assert conf["result_backend_always_retry"] is True
 
 
+#: A pinned package with no wheel for a host Python (major, minor), whose build from source
+#: fails on the host whatever its network, and which nothing else of the application pins:
+#: lxml 4.9.3 publishes CPython wheels up to 3.12 only, and its build needs libxml2's and
+#: libxslt's headers, which the application's system packages do not include.
+WITHOUT_WHEEL = {(3, 13): "lxml==4.9.3"}
+
+
+def test_a_package_without_a_wheel_for_the_hosts_python_fails_the_deploy_naming_it(own_app: Cluster):
+    """The deploy fails at the install, saying which package and which Python, how to fix it
+    and the build's last words, in a few lines instead of pip's output (which stays in a log on
+    the host); the running application keeps working."""
+    host = own_app.one("web")
+    version = host.exec(f"/opt/{APP}/venv/bin/python -c 'import sys; print(*sys.version_info[:2])'")
+    major, minor = map(int, version.split())
+    if (major, minor) not in WITHOUT_WHEEL:
+        pytest.skip(f"no example of a package without a wheel for Python {major}.{minor} (WITHOUT_WHEEL)")
+    run = own_app.deploy("--data", f"app_python_packages={WITHOUT_WHEEL[major, minor]}")
+    assert run.returncode != 0, "the deploy passed with a package that cannot be installed"
+    failure = run.output.split("Install the Python packages of the application into its venv")[-1]
+    said = [line for line in failure.splitlines() if f"[{host.address}]" in line]
+    assert f"pip found no wheel of lxml for Python {major}.{minor} (python3)" in failure, failure[-3000:]
+    assert "set app_python" in failure and "app_system_packages" in failure
+    assert "the build said: Error: Please make sure the libxml2 and libxslt development packages" in failure
+    assert f"/opt/{APP}/venv/pip-install.log on this host" in failure
+    assert len(said) <= 10, said  # a few lines, not pip's
+    assert "subprocess-exited-with-error" in host.exec(f"cat /opt/{APP}/venv/pip-install.log")
+    check_task_end_to_end(own_app, reference=False)
+
+
 def test_same_app_from_an_sdist_replaces_the_git_deploy(own_app: Cluster, tmp_path: Path):
     distribution = sdist(own_app.root, tmp_path)
     (tmp_path / "constraints.txt").write_text(constraints())  # beside the sdist, on this machine

@@ -2,8 +2,9 @@
 The test bench: throwaway Debian containers that boot systemd, reached over SSH by the real
 ``pyinfra`` CLI exactly as a user reaches real servers.
 
-- ``ensure_base_image()`` builds the base image with debootstrap (no registry is reachable) and
-  reuses it while its build script is unchanged.
+- ``ensure_base_image()`` builds the base image of a Debian release (``STACK_BENCH_DEBIAN``:
+  trixie by default, or bookworm) with debootstrap (no registry is reachable) and reuses it
+  while its build script is unchanged.
 - ``Cluster`` starts one container per host on a private docker network, writes the hosts file
   that ``inventory.py`` reads (``STACK_HOSTS_FILE``), runs pyinfra, and removes everything on
   ``destroy()`` (also at interpreter exit, so a crashed session leaves nothing behind).
@@ -28,6 +29,8 @@ import testinfra
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from tasks.releases import RELEASES
+
 from . import caches
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -35,6 +38,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 IMAGE_SCRIPT = BENCH_DIR / "base-image.sh"
 LABEL = "stackbench"
 SSH_USER = "deploy"
+
+#: The Debian releases the bench boots, the tested ones of tasks/releases.py: debootstrap's
+#: suite name → (name, major) as the deploy's facts report it. The first, the newest, is the
+#: default of a bench session.
+DEBIAN_RELEASES = {release.codename: release.key for release in RELEASES if release.tested}
+#: The environment variable that picks the release of a bench session (``make test-core``).
+DEBIAN_VARIABLE = "STACK_BENCH_DEBIAN"
 
 #: Flags that boot systemd as PID 1 on our machines (see shared/ENVIRONMENT.md): --privileged
 #: fails here, and Debian's sandboxed units need every capability but SYS_RESOURCE.
@@ -69,21 +79,32 @@ def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=300)
 
 
-def base_image_tag() -> str:
+def debian_release() -> str:
+    """The Debian release of this bench session: ``STACK_BENCH_DEBIAN``, or the newest we test."""
+    release = os.environ.get(DEBIAN_VARIABLE) or next(iter(DEBIAN_RELEASES))
+    if release not in DEBIAN_RELEASES:
+        raise SystemExit(f"{DEBIAN_VARIABLE}={release!r}: the bench boots one of {', '.join(DEBIAN_RELEASES)}")
+    return release
+
+
+def base_image_tag(release: str) -> str:
+    """The image of ``release`` built by the current build script (its inputs: both)."""
     digest = hashlib.sha256(IMAGE_SCRIPT.read_bytes()).hexdigest()[:12]
-    return f"{LABEL}-base:{digest}"
+    return f"{LABEL}-{release}:{digest}"
 
 
-def ensure_base_image() -> str:
-    """Build the base image unless an image of the same build script exists already."""
-    tag = base_image_tag()
+def ensure_base_image(release: str | None = None) -> str:
+    """The base image of ``release`` (default: the session's), built unless an image of the
+    same build script and release exists already."""
+    release = release or debian_release()
+    tag = base_image_tag(release)
     client = docker_client()
     try:
         client.images.get(tag)
     except docker.errors.ImageNotFound:
         mirror = os.environ.get("STACK_BENCH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
         started = time.monotonic()
-        subprocess.run(["sh", str(IMAGE_SCRIPT), tag, mirror], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["sh", str(IMAGE_SCRIPT), tag, release, mirror], check=True, stdout=subprocess.DEVNULL)
         print(f"bench: built {tag} in {time.monotonic() - started:.0f}s", file=sys.stderr)
     return tag
 

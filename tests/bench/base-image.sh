@@ -1,17 +1,19 @@
 #!/bin/sh
-# Build the bench's base image: Debian bookworm that boots systemd, with sshd and a sudo user
-# "deploy" whose key is installed when a container starts. Registries are unreachable on our
-# machines, so the root filesystem comes from debootstrap and is imported, not pulled.
-# Usage: base-image.sh IMAGE_TAG [MIRROR]
+# Build the bench's base image: a Debian release (bookworm, trixie) that boots systemd, with sshd
+# and a sudo user "deploy" whose key is installed when a container starts. Registries are
+# unreachable on our machines, so the root filesystem comes from debootstrap and is imported,
+# not pulled.
+# Usage: base-image.sh IMAGE_TAG RELEASE [MIRROR]
 set -eu
 tag=$1
-mirror=${2:-http://deb.debian.org/debian}
+release=$2
+mirror=${3:-http://deb.debian.org/debian}
 rootfs=$(mktemp -d /var/tmp/stackbench-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT
 
 debootstrap --variant=minbase \
     --include=systemd,systemd-sysv,dbus,python3,ca-certificates,openssh-server,sudo,iproute2,procps \
-    bookworm "$rootfs" "$mirror"
+    "$release" "$rootfs" "$mirror"
 
 chroot "$rootfs" /bin/sh -eu <<'CHROOT'
 useradd --create-home --shell /bin/bash deploy

@@ -19,7 +19,7 @@ import requests
 
 from bench import Cluster, Host
 from bench.topologies import TOPOLOGIES
-from clients import APP, MANAGED_UNITS, redis_client, web_url
+from clients import APP, MANAGED_UNITS, POSTGRESQL_UNIT, redis_client, web_url
 from faults.harness import run_fault, running_executions
 
 pytestmark = [pytest.mark.bench, pytest.mark.faults]
@@ -116,6 +116,7 @@ def test_systemctl_stop_of_a_worker_is_a_warm_shutdown(stack: Cluster):
     assert outcome.lost == [] and outcome.executed_twice == 0, outcome.row()
 
 
+@pytest.mark.core
 def test_restart_of_rabbitmq_keeps_queued_tasks_and_workers_consume_again(stack: Cluster):
     """Persistent messages in durable queues survive; the harness's health check requires a
     consumer per worker host again, and the batch's second half only runs if they consume."""
@@ -128,6 +129,7 @@ def test_restart_of_rabbitmq_keeps_queued_tasks_and_workers_consume_again(stack:
     assert outcome.longest_outage <= API_OUTAGE_SECONDS, outcome.row()
 
 
+@pytest.mark.core
 def test_restart_of_postgresql_stores_every_result_and_the_api_answers_503_meanwhile(stack: Cluster):
     """PostgreSQL is stopped for a few seconds, then started: the API, asked meanwhile, answers
     a 503 that names the result backend (not a traceback, not a hang); workers store every
@@ -135,7 +137,7 @@ def test_restart_of_postgresql_stores_every_result_and_the_api_answers_503_meanw
     database, web, answers = stack.one("postgres"), stack.one("web"), {}
 
     def inject(batch):
-        database.exec("systemctl stop postgresql@15-main.service")
+        database.exec(f"systemctl stop {POSTGRESQL_UNIT}")
         try:
             task_id = sorted(batch.ids())[0]
             started = time.monotonic()
@@ -143,7 +145,7 @@ def test_restart_of_postgresql_stores_every_result_and_the_api_answers_503_meanw
             answers["healthz"] = requests.get(web_url(web, "/healthz"), timeout=30)
             answers["seconds"] = time.monotonic() - started
         finally:
-            database.exec("systemctl start postgresql@15-main.service")
+            database.exec(f"systemctl start {POSTGRESQL_UNIT}")
         return [f"API answers while PostgreSQL was down: {answers['task'].status_code} {answers['task'].text}"]
 
     outcome = run_fault(stack, "restart of PostgreSQL (down for a few seconds)", inject)
@@ -168,7 +170,10 @@ def test_restart_of_redis_keeps_the_data_written_before(stack: Cluster):
     assert redis_client(stack).get(key) == value.encode()
 
 
-@pytest.mark.parametrize("group", ["postgres", "web"], ids=["data host", "application host"])
+@pytest.mark.parametrize(
+    "group",
+    [pytest.param("postgres", id="data host", marks=pytest.mark.core), pytest.param("web", id="application host")],
+)
 def test_reboot_of_a_whole_host(stack: Cluster, group: str):
     """The host shuts down as a machine does and boots again: every unit of its roles comes
     back enabled and active by itself (the harness waits for the whole stack's health)."""
