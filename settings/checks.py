@@ -21,6 +21,10 @@ def positive(value: int | float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def zero_or_positive(value: int | float) -> str | None:
+    return None if value >= 0 else "must be 0 (none) or greater"
+
+
 def fraction(value: float) -> str | None:
     return None if 0 < value < 1 else "must be a fraction between 0 and 1, e.g. 0.6"
 

@@ -215,9 +215,16 @@ class Settings:
     celery_loglevel: LogLevel = setting("INFO", "Log level of the Celery worker and beat.")
     celery_longest_task_seconds: int = setting(
         300,
-        "The longest a task may run: its hard time limit; a worker stop waits this long plus 30 s for "
-        "running tasks to finish (TimeoutStopSec).",
+        "The longest a task runs: a worker stop waits this long plus 30 s for running tasks to finish "
+        "(TimeoutStopSec), and RabbitMQ's consumer timeout and Redis' visibility timeout must exceed it. "
+        "No task is stopped for running longer (that is celery_task_time_limit_seconds).",
         checks.positive,
+    )
+    celery_task_time_limit_seconds: int = setting(
+        0,
+        "Celery's hard time limit (worker --time-limit), 0 for none: the application's own limits apply. "
+        "A task over it is killed and ends FAILURE (TimeLimitExceeded), acknowledged: it is not run again.",
+        checks.zero_or_positive,
     )
     beat_heartbeat_seconds: float = setting(
         60.0,

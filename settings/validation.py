@@ -229,6 +229,12 @@ def cross_problems(config: Settings) -> list[str]:
             f"celery_longest_task_seconds ({config.celery_longest_task_seconds}), or Redis hands running "
             "tasks to a second worker; raise it"
         )
+    if config.celery_task_time_limit_seconds > config.celery_longest_task_seconds:
+        problems.append(
+            f"celery_task_time_limit_seconds ({config.celery_task_time_limit_seconds}) must not exceed "
+            f"celery_longest_task_seconds ({config.celery_longest_task_seconds}): the timeouts that hand a "
+            "running task to another worker are derived from the latter; raise celery_longest_task_seconds"
+        )
     kind = checks.source_kind(config.app_source)
     if kind != "distribution" and checks.relative_path(config.app_constraints):
         problems.append(

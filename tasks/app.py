@@ -228,7 +228,6 @@ def environment_variables(run: Run) -> dict[str, str]:
         "STACK_CELERY_APP": config.celery_app,
         "STACK_CELERY_BROKER": config.celery_broker,
         "STACK_CELERY_DURABILITY": "1" if config.celery_enforce_durability else "0",
-        "STACK_TASK_TIME_LIMIT": str(config.celery_longest_task_seconds),
         "STACK_VISIBILITY_TIMEOUT": str(config.redis_visibility_timeout_seconds),
         "STACK_HEARTBEAT_SECONDS": str(config.beat_heartbeat_seconds),
     }
@@ -415,6 +414,7 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
         concurrency=config.celery_concurrency,
         queues=config.celery_queues,
         loglevel=config.celery_loglevel,
+        time_limit=config.celery_task_time_limit_seconds,
         stop_timeout=config.worker_stop_timeout,
         flower_port=config.flower_port,
     )

@@ -187,3 +187,15 @@ def prometheus_api(cluster: Cluster, path: str, **params) -> dict:
 def query(cluster: Cluster, expression: str) -> list[dict]:
     """The instant vector of a PromQL expression: ``[{"metric": {...}, "value": [t, "v"]}]``."""
     return prometheus_api(cluster, "query", query=expression)["result"]
+
+
+def worker_conf(cluster: Cluster, app: str = APP) -> dict:
+    """The configuration the running worker reports (``celery inspect conf``), asked from a
+    worker host with the unit's environment file and working directory."""
+    host = cluster.one("workers")
+    workdir = host.exec(f"systemctl show -p WorkingDirectory --value {app}-worker.service").strip()
+    inspect = (
+        f"runuser -u {app} -- sh -c 'set -a && . /etc/{app}/app.env && cd {workdir} && "
+        f"PYTHONPATH=/opt/{app}/lib /opt/{app}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10'"
+    )
+    return next(iter(json.loads(host.exec(inspect).strip().splitlines()[-1]).values()))

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from bench import PROJECT_DIR, Cluster
-from clients import APP, APP_UNITS, RequestLoop, check_task_end_to_end, psql_from, wait_until, web_url
+from clients import APP, APP_UNITS, RequestLoop, check_task_end_to_end, psql_from, wait_until, web_url, worker_conf
 
 pytestmark = pytest.mark.bench
 
@@ -48,6 +48,37 @@ def test_worker_stop_is_a_warm_shutdown_that_waits_for_the_longest_task(deployed
         properties = host.node.service(f"{APP}-worker.service").systemd_properties
         assert (properties["KillMode"], properties["Type"]) == ("mixed", "exec")
         assert properties["TimeoutStopUSec"] == "5min 30s"  # celery_longest_task_seconds 300 + 30
+
+
+@pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
+def test_no_time_limit_unless_set_and_a_task_over_a_set_limit_fails_and_is_not_run_again(deployed: Cluster):
+    """The deploy imposes no time limit: the worker reports none (the reference app sets none).
+    With celery_task_time_limit_seconds, a task over it is killed and ends FAILURE
+    (TimeLimitExceeded), and is never run again, as the setting's sentence says: Celery
+    acknowledges it, so it is not redelivered."""
+    assert worker_conf(deployed).get("task_time_limit") is None  # inspect conf omits unset settings
+    web = deployed.one("web")
+
+    def task(task_id: str) -> dict:
+        return requests.get(web_url(web, f"/tasks/{task_id}"), timeout=15).json()
+
+    def failed(task_id: str) -> dict | None:
+        answer = task(task_id)
+        return answer if answer["state"] == "FAILURE" else None
+
+    try:
+        run = deployed.deploy("--data", "celery_task_time_limit_seconds=2")
+        assert run.returncode == 0, run.stderr[-3000:]
+        task_id = requests.post(web_url(web, "/tasks"), json={"n": 10, "sleep": 6}, timeout=15).json()["id"]
+        failure = wait_until(lambda: failed(task_id), timeout=60)
+        assert failure["result"].startswith("TimeLimitExceeded"), failure
+        time.sleep(8)  # a redelivered copy would have started by now (and been killed again)
+        final = task(task_id)
+        assert (final["state"], final["executions"]) == ("FAILURE", 1), final
+    finally:
+        restore = deployed.deploy()  # no limit again, for the tests that follow
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    assert worker_conf(deployed).get("task_time_limit") is None  # inspect conf omits unset settings
 
 
 def test_beat_runs_on_exactly_one_host_and_its_heartbeats_keep_arriving(deployed: Cluster):

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from bench import PROJECT_DIR, Cluster, git
-from clients import check_task_end_to_end, web_url
+from clients import check_task_end_to_end, web_url, worker_conf
 
 pytestmark = pytest.mark.bench
 
@@ -217,15 +217,12 @@ def test_worker_uses_the_groups_concurrency_and_the_deploys_delivery_settings(ow
     host = own_app.one("workers")
     pid = host.exec(f"systemctl show -p MainPID --value {APP}-worker.service").strip()
     assert len(host.exec(f"ps -o pid= --ppid {pid}").split()) == 3
-    inspect = (
-        f"runuser -u {APP} -- sh -c 'set -a && . /etc/{APP}/app.env && cd /opt/{APP}/src/deploy && "
-        f"PYTHONPATH=/opt/{APP}/lib /opt/{APP}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10'"
-    )
-    conf = next(iter(json.loads(host.exec(inspect).strip().splitlines()[-1]).values()))
+    conf = worker_conf(own_app, app=APP)
     assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["broker_transport_options"]["visibility_timeout"] == 7200
     assert conf["result_backend_always_retry"] is True
+    assert conf.get("task_time_limit") is None  # the app sets none, nor does the deploy (unset: omitted)
 
 
 #: A pinned package with no wheel for a host Python (major, minor), whose build from source

@@ -39,6 +39,11 @@ def test_good_input_passes_and_defaults_apply():
             "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)",
         ),
         (
+            {"celery_task_time_limit_seconds": 600},
+            "celery_task_time_limit_seconds (600) must not exceed celery_longest_task_seconds (300)",
+        ),
+        ({"celery_task_time_limit_seconds": -1}, "celery_task_time_limit_seconds must be 0 (none) or greater"),
+        (
             {"app_source": "/nonexistent/app"},
             "app_source must be a directory or a wheel/sdist file on this machine, or a git URL; '/nonexistent/app' is none of them",
         ),

@@ -48,8 +48,9 @@ WORKER = dict(
     # Storing a result retries while the result store restarts, instead of losing it.
     result_backend_always_retry=True,
     result_backend_max_retries=float("inf"),
-    # A task longer than the deploy's longest-task setting is killed (and redelivered).
-    task_time_limit=int(os.environ.get("STACK_TASK_TIME_LIMIT", "300")),
+    # No time limit: a hard limit would fail a task and acknowledge it (it is not run again).
+    # The application's own limits stand; celery_task_time_limit_seconds sets one on the
+    # worker's command line.
     worker_send_task_events=True,
     task_send_sent_event=True,
 )

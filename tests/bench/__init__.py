@@ -261,13 +261,16 @@ class Cluster:
 
     def attach(self) -> bool:
         """Adopt this cluster's running containers (the sandbox's warm start); False if any is
-        missing, in which case ``destroy()`` then ``create()`` start afresh."""
+        missing or runs another image (another release), in which case ``destroy()`` then
+        ``create()`` start afresh."""
         running = {
             container.labels.get(f"{LABEL}.host"): container
             for container in self.client.containers.list(filters={"label": f"{LABEL}={self.id}"})
         }
         self.key = self.workdir / "id_ed25519"
         if set(running) != set(self.topology) or not self.key.exists():
+            return False
+        if any(self.image not in container.image.tags for container in running.values()):
             return False
         for name, groups in self.topology.items():
             self.hosts[name] = Host(name, groups, running[name])

@@ -64,9 +64,6 @@ app.conf.update(
     # Store the task's name, arguments and worker with its result: the row says what ran where.
     result_extended=True,
     task_track_started=True,
-    # A task that runs longer than the deploy's longest-task setting is killed (and retried
-    # by the broker) rather than blocking a process for ever.
-    task_time_limit=int(os.environ.get("STACK_TASK_TIME_LIMIT", "300")),
     worker_send_task_events=True,
     task_send_sent_event=True,
     beat_schedule={

@@ -1,0 +1,49 @@
+"""
+The unit files we own render to lines systemd reads as meant, with every optional part on and
+off (no host needed). Jinja's trim_blocks eats the newline after a block tag: a conditional at
+the end of ``ExecStart=`` once glued the next comment to the command line, and the worker
+crash-looped on ``--loglevel 'INFO#'``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tasks import render
+from tasks.app import UNITS
+
+#: Every variable the unit templates read, with a sample value; the optional ones both ways.
+CONTEXT = dict(
+    app="acme",
+    home="/opt/acme",
+    workdir="/opt/acme/src",
+    address="192.0.2.10",
+    port=8000,
+    asgi_app="acme.web:api",
+    concurrency=3,
+    queues="acme,celery",
+    loglevel="INFO",
+    stop_timeout=330,
+    flower_port=5555,
+)
+LINE = re.compile(r"^(|#.*|\[[A-Za-z]+\]|[A-Za-z]+=[^#]*)$")
+
+
+@pytest.mark.parametrize("time_limit", [0, 600], ids=["no time limit", "a time limit"])
+@pytest.mark.parametrize("unit", UNITS, ids=[unit.suffix for unit in UNITS])
+def test_every_line_of_a_unit_is_blank_a_comment_a_section_or_one_directive(unit, time_limit):
+    lines = render(unit.template, **CONTEXT, time_limit=time_limit).getvalue().splitlines()
+    assert [line for line in lines if not LINE.match(line)] == []
+
+
+def test_the_worker_has_a_time_limit_only_when_one_is_set():
+    def exec_start(time_limit: int) -> list[str]:
+        text = render("app/worker.service.j2", **CONTEXT, time_limit=time_limit).getvalue()
+        return next(line for line in text.splitlines() if line.startswith("ExecStart=")).split()
+
+    assert "--time-limit" not in exec_start(0)
+    command = exec_start(600)
+    assert command[command.index("--time-limit") + 1] == "600"
+    assert command[-2:] == ["--loglevel", "INFO"]
