@@ -390,9 +390,9 @@ def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
 def _explained(venv: Venv) -> str:
     """``venv``'s install commands with pip's output in a log (0600: an index URL may carry a
     token) and, when they fail, a few lines that name what failed instead of pip's wall of
-    compiler output (files/venv/pip_failure.py, run by the venv's Python from standard input)."""
+    compiler output (files/pip/pip_failure.py, run by the venv's Python from standard input)."""
     log = f"{venv.path}/pip-install.log"
-    explain = (FILES_DIR / "venv" / "pip_failure.py").read_text()
+    explain = (FILES_DIR / "pip" / "pip_failure.py").read_text()
     return (
         f"install -m 0600 /dev/null {log} && {{ {' && '.join(f'( {command} )' for command in venv.commands)}; }} >> {log} 2>&1 || "
         f"{{ {venv.path}/bin/python - {log} {shlex.quote(venv.python)} <<'PIP_FAILURE'\n{explain}PIP_FAILURE\nexit 1; }}"

@@ -9,7 +9,7 @@ What differs and how the deploy copes, so no task module branches on a release:
   (``postgresql@<major>-main``): read from ``postgresql`` below.
 - python3, the default ``app_python``: the application's pinned packages need wheels for it, or
   pip builds them from source; a failed build names the package and this Python
-  (``files/venv/pip_failure.py``).
+  (``files/pip/pip_failure.py``).
 - RabbitMQ 4.0 on Debian 13: its CLI runs Erlang with ``-noinput`` and waits forever for
   definitions on standard input, so they are imported from a file on every release
   (``tasks/rabbitmq.py``); Celery 5.7's queues and QoS use no feature RabbitMQ 4 deprecates

@@ -48,7 +48,7 @@ def failed_builds(lines: list[str]) -> list[str]:
             names.append(collecting)
         for pattern in BUILD_FAILURES:
             if match := re.search(pattern, stripped):
-                names += [name.strip() for name in match["names"].split(",")]
+                names += re.split(r"[,\s]+", match["names"].strip())  # "a, b" (pip 25) or "a b" (pip 23)
     return list(dict.fromkeys(name for name in names if name))
 
 
@@ -68,6 +68,7 @@ def last_build_output(lines: list[str], count: int = 3) -> list[str]:
     quoted = [block for block in blocks if block]
     return quoted[-1][-count:] if quoted else []
 
+
 def main(log: str, command: str) -> None:
     lines = open(log, errors="replace").read().splitlines()
     python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
@@ -76,7 +77,7 @@ def main(log: str, command: str) -> None:
     if built:
         print(
             f"pip found no wheel of {', '.join(built)} for {python} ({command}) and could not build "
-            "it from source.\nPin a version that publishes wheels for "
+            f"{'it' if len(built) == 1 else 'them'} from source.\nPin a version that publishes wheels for "
             f"{python}, set app_python to an interpreter it has wheels for, or add what building it "
             "needs to app_system_packages (e.g. build-essential, python3-dev, the library's -dev package).",
             file=sys.stderr,
