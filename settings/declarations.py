@@ -226,6 +226,13 @@ class Settings:
         "A task over it is killed and ends FAILURE (TimeLimitExceeded), acknowledged: it is not run again.",
         checks.zero_or_positive,
     )
+    celery_publish_retry_seconds: int = setting(
+        600,
+        "How long beat and the workers keep retrying to publish a task (a periodic run, a task sent by a "
+        "task) while the broker is unreachable, before they log the error and drop it. The API retries "
+        "for about 2 s and answers 503.",
+        checks.positive,
+    )
     beat_heartbeat_seconds: float = setting(
         60.0,
         "Interval of the heartbeat task beat sends, which shows that beat and a worker are alive.",

@@ -230,6 +230,7 @@ def environment_variables(run: Run) -> dict[str, str]:
         "STACK_CELERY_DURABILITY": "1" if config.celery_enforce_durability else "0",
         "STACK_VISIBILITY_TIMEOUT": str(config.redis_visibility_timeout_seconds),
         "STACK_HEARTBEAT_SECONDS": str(config.beat_heartbeat_seconds),
+        "STACK_PUBLISH_RETRY_SECONDS": str(config.celery_publish_retry_seconds),
     }
     variables.update(dict.fromkeys(config.app_broker_url_variables, broker_url(run)))
     variables.update(dict.fromkeys(config.app_result_backend_variables, result_backend_url(run)))

@@ -47,3 +47,11 @@ def test_the_worker_has_a_time_limit_only_when_one_is_set():
     command = exec_start(600)
     assert command[command.index("--time-limit") + 1] == "600"
     assert command[-2:] == ["--loglevel", "INFO"]
+
+
+@pytest.mark.parametrize("unit, role", [("worker", "worker"), ("beat", "beat")])
+def test_celery_units_name_their_role_so_they_publish_patiently(unit, role):
+    """stack_celery.py gives a process without a role the API's fail-fast publishing: beat
+    without its role would drop a periodic run after 2 s of broker outage."""
+    text = render(f"app/{unit}.service.j2", **CONTEXT, time_limit=0).getvalue()
+    assert f"STACK_CELERY_ROLE={role}" in text.split()

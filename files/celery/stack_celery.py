@@ -7,26 +7,79 @@ module after loading the ASGI app (gunicorn.conf.py). It finds the application's
 no change, and, when ``STACK_CELERY_DURABILITY`` is 1 (setting ``celery_enforce_durability``),
 sets what the promise "no task is lost" rests on. Each setting says which failure it prevents.
 
+Publishing depends on the role (``STACK_CELERY_ROLE``, set by each unit):
+
+- the API (no role) fails fast: a few retries over about 2 s while the broker is unreachable,
+  and at once while RabbitMQ blocks publishers (a memory or disk alarm), so it answers 503 and
+  its client knows. Tried on RabbitMQ 4.0: a publish refused that way is still queued once the
+  alarm clears (RabbitMQ had read it before blocking), so a 503 then means "not accepted, may
+  still run once", as at-least-once delivery allows.
+- beat and the workers (a periodic run, a task published by a task) have nobody to answer:
+  they keep retrying while the broker is unreachable, for ``STACK_PUBLISH_RETRY_SECONDS``
+  (setting ``celery_publish_retry_seconds``), and wait while it blocks publishers.
+
 Installed by the deploy into ``<app_dir>/lib``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 from celery.app.utils import find_app
+from kombu.transport import pyamqp
 
 app = find_app(os.environ["STACK_CELERY_APP"])
+ROLE = os.environ.get("STACK_CELERY_ROLE", "web")
 #: With Redis: seconds after which a task taken but not acknowledged goes to another worker.
 VISIBILITY_TIMEOUT = int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))
+#: How long beat and the workers keep retrying a publish to an unreachable broker.
+PUBLISH_RETRY_SECONDS = float(os.environ.get("STACK_PUBLISH_RETRY_SECONDS", "600"))
+#: The longest wait between two tries of a publish.
+RETRY_INTERVAL_MAX = 2.0
+
+#: The API's publish policy: about 2 s in all, then the API answers 503.
+FAIL_FAST = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
+
+
+def patient_policy(seconds: float) -> dict:
+    """A publish policy that keeps trying for at least ``seconds``: tries every
+    RETRY_INTERVAL_MAX seconds once the back-off has grown (each try may also wait for a
+    connection), so a broker restart or a host reboot shorter than that loses no publish."""
+    return {
+        "max_retries": math.ceil(seconds / RETRY_INTERVAL_MAX) + 1,
+        "interval_start": 0.2,
+        "interval_step": 0.5,
+        "interval_max": RETRY_INTERVAL_MAX,
+    }
+
+
+class PublishersBlocked(Exception):
+    """RabbitMQ blocks this connection's publishes (a memory or disk alarm)."""
+
+
+class FailFastConnection(pyamqp.Connection):
+    """An AMQP connection that gives up when RabbitMQ blocks it, instead of waiting for the
+    alarm to clear with the publish (and the API request behind it) hanging. The socket is
+    dropped first: closing a blocked connection politely waits for RabbitMQ as well (tried)."""
+
+    def _on_blocked(self) -> None:
+        self.collect()
+        raise PublishersBlocked("RabbitMQ blocks publishers (a memory or disk alarm; see its log)")
+
+
+class FailFastTransport(pyamqp.Transport):
+    """kombu's py-amqp transport with FailFastConnection (``broker_transport`` of the API).
+    The deploy's broker URL is plain ``amqp://``; one with TLS would need pyamqp.SSLTransport."""
+
+    Connection = FailFastConnection
+
 
 #: For every process that publishes tasks (the API, beat, tasks that call other tasks).
 PUBLISHER = dict(
     # Persistent messages in durable queues survive a broker restart.
     task_default_delivery_mode="persistent",
-    # Publishing retries a few times, then fails fast, so an API can answer an error at once.
     task_publish_retry=True,
-    task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
     # Keep reconnecting to a broker that restarts, at start-up and after, instead of exiting.
     broker_connection_retry_on_startup=True,
     broker_connection_retry=True,
@@ -60,29 +113,36 @@ def transport_options() -> dict:
     """Broker transport options merged over the application's: publisher confirms with
     RabbitMQ (a publish returns once the broker has the message); with Redis, the visibility
     timeout after which an unacknowledged task goes to another worker."""
-    ours = (
-        {"visibility_timeout": VISIBILITY_TIMEOUT}
-        if os.environ.get("STACK_CELERY_BROKER") == "redis"
-        else {"confirm_publish": True}
-    )
+    ours = {"visibility_timeout": VISIBILITY_TIMEOUT} if redis_broker() else {"confirm_publish": True}
     return {**(app.conf.broker_transport_options or {}), **ours}
 
 
-def apply(worker: bool) -> None:
-    """Apply the settings of a publisher, and of a worker when ``worker``."""
-    app.conf.update(PUBLISHER, broker_transport_options=transport_options())
-    if worker:
+def redis_broker() -> bool:
+    return os.environ.get("STACK_CELERY_BROKER") == "redis"
+
+
+def apply(role: str) -> None:
+    """Apply the settings of a publisher in ``role`` ("web", "beat" or "worker"), and those
+    of a worker for "worker"."""
+    app.conf.update(
+        PUBLISHER,
+        task_publish_retry_policy=FAIL_FAST if role == "web" else patient_policy(PUBLISH_RETRY_SECONDS),
+        broker_transport_options=transport_options(),
+        # With a database result store: test pooled connections before use, so the first query
+        # after a database restart does not fail on a dead connection.
+        database_engine_options={**(app.conf.database_engine_options or {}), "pool_pre_ping": True},
+    )
+    if role == "web" and not redis_broker():
+        app.conf.broker_transport = f"{__name__}:FailFastTransport"
+    if role == "worker":
         app.conf.update(
             WORKER,
             result_backend_transport_options={
                 **(app.conf.result_backend_transport_options or {}),
                 "visibility_timeout": VISIBILITY_TIMEOUT,
             },
-            # With a database result store: test pooled connections before use, so the first
-            # store after a database restart does not fail on a dead connection.
-            database_engine_options={**(app.conf.database_engine_options or {}), "pool_pre_ping": True},
         )
 
 
 if os.environ.get("STACK_CELERY_DURABILITY") == "1":
-    apply(worker=os.environ.get("STACK_CELERY_ROLE") == "worker")
+    apply(ROLE)

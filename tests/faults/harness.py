@@ -5,7 +5,9 @@ and how long the stack took to be healthy again.
 
 A task is the stack's responsibility once the API answered 202. Before that, the client's: the
 batch's client retries what the API refuses (503, or no connection while a host reboots) as
-any real client must, and counts the refusals.
+any real client must, and counts the refusals. Some tasks of each batch publish a child task
+from the worker (as ``.delay()`` inside a task does): a child is the stack's responsibility
+once its parent succeeded, and a parent that succeeded without its child counts as lost.
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ class Outcome:
     submitted: int
     succeeded: int
     lost: list[str]
+    children: int
+    lost_children: int
     executed_twice: int
     recovery_seconds: float
     refused: int
     longest_outage: float
+    slowest_answer: float
     notes: list[str] = field(default_factory=list)
 
     def row(self) -> str:
         return (
-            f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.executed_twice} "
+            f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.children} "
+            f"| {self.lost_children} | {self.executed_twice} "
             f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
         )
 
@@ -52,20 +58,27 @@ class Outcome:
 def table(outcomes: list[Outcome]) -> str:
     """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
-        "| fault | tasks submitted | succeeded | lost | executed twice | recovery (s) | refused by the API "
-        "(retried) | longest API outage (s) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| fault | tasks submitted | succeeded | lost | children | children lost | executed twice "
+        "| recovery (s) | refused by the API (retried) | longest API outage (s) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     return "\n".join([header, *(outcome.row() for outcome in outcomes)])
 
 
 class Batch:
-    """``size`` tasks: every ``long_every``-th sleeps ``long_sleep`` s, the others are short.
-    ``submit()`` posts them from a background thread, spreading them over the web hosts."""
+    """``size`` tasks: every ``long_every``-th sleeps ``long_sleep`` s, every ``child_every``-th
+    (the 3rd, 3+child_every-th…) publishes a child task, the others are short. ``submit()``
+    posts them from a background thread, spreading them over the web hosts."""
 
-    def __init__(self, cluster: Cluster, size: int = 200, long_every: int = 8, long_sleep: float = 4.0):
+    def __init__(
+        self, cluster: Cluster, size: int = 200, long_every: int = 8, long_sleep: float = 4.0, child_every: int = 8
+    ):
         self.cluster = cluster
-        self.specs = [(1000 + 37 * i, long_sleep if i % long_every == 0 else 0.0) for i in range(size)]
+        self.specs = [
+            (1000 + 37 * i, long_sleep if i % long_every == 0 else 0.0, i % child_every == 3) for i in range(size)
+        ]
         self.accepted: dict[str, tuple[int, float]] = {}
+        self.slowest_answer = 0.0
         self.lock = threading.Lock()
         self.refused = 0
         self.half_submitted = threading.Event()
@@ -88,9 +101,9 @@ class Batch:
 
     def _submit_all(self) -> None:
         webs = self.cluster.by_group("web")
-        for index, (n, sleep) in enumerate(self.specs):
+        for index, (n, sleep, child) in enumerate(self.specs):
             try:
-                task_id = self._submit_one(webs[index % len(webs)], n, sleep)
+                task_id = self._submit_one(webs[index % len(webs)], n, sleep, child)
             except Exception as error:  # reported by join(), on the test's thread
                 self.errors.append(f"task {index} (n={n}) was never accepted: {error}")
                 self.half_submitted.set()
@@ -100,11 +113,13 @@ class Batch:
             if index + 1 == len(self.specs) // 2:
                 self.half_submitted.set()
 
-    def _submit_one(self, web, n: int, sleep: float) -> str:
+    def _submit_one(self, web, n: int, sleep: float, child: bool) -> str:
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         while True:
+            asked = time.monotonic()
             try:
-                response = requests.post(web_url(web, "/tasks"), json={"n": n, "sleep": sleep}, timeout=15)
+                body = {"n": n, "sleep": sleep, "child": child}
+                response = requests.post(web_url(web, "/tasks"), json=body, timeout=15)
                 if response.status_code == 202:
                     return response.json()["id"]
                 if response.status_code != 503:
@@ -112,6 +127,8 @@ class Batch:
                 refusal = response.text
             except requests.RequestException as error:
                 refusal = str(error)
+            finally:  # a timeout counts as a 15 s answer
+                self.slowest_answer = max(self.slowest_answer, time.monotonic() - asked)
             self.refused += 1
             if time.monotonic() > deadline:
                 raise AssertionError(f"refused for {RECOVERY_TIMEOUT}s; last: {refusal}")
@@ -175,12 +192,12 @@ def wait_healthy(cluster: Cluster, since: float) -> float:
     return time.monotonic() - since
 
 
-def await_results(batch: Batch) -> dict[str, dict]:
-    """Each accepted task's final answer from the API (state SUCCESS or FAILURE), waiting up
-    to RESULTS_TIMEOUT; the API may answer 503 meanwhile. Tasks still pending at the deadline
-    are missing from the answer, and the queue's state is attached to the failure message."""
-    webs = batch.cluster.by_group("web")
-    pending, final = set(batch.accepted), {}
+def await_results(cluster: Cluster, task_ids) -> dict[str, dict]:
+    """Each task's final answer from the API (state SUCCESS or FAILURE), waiting up to
+    RESULTS_TIMEOUT; the API may answer 503 meanwhile. Tasks still pending at the deadline
+    are missing from the answer."""
+    webs = cluster.by_group("web")
+    pending, final = set(task_ids), {}
     deadline = time.monotonic() + RESULTS_TIMEOUT
     while pending and time.monotonic() < deadline:
         for task_id in sorted(pending):
@@ -197,6 +214,19 @@ def await_results(batch: Batch) -> dict[str, dict]:
         if pending:
             time.sleep(1)
     return final
+
+
+def succeeded_tasks(cluster: Cluster, final: dict[str, dict], expected: dict[str, int]) -> list[str]:
+    """The tasks of ``expected`` (task id → n) that ended SUCCESS with the right answer, as
+    the API says (``final``) and PostgreSQL's celery_taskmeta stores."""
+    stored = stored_states(cluster, list(expected))
+    return [
+        task_id
+        for task_id, n in expected.items()
+        if final.get(task_id, {}).get("state") == "SUCCESS"
+        and final[task_id]["result"]["answer"] == expected_answer(n)
+        and stored.get(task_id) == "SUCCESS"
+    ]
 
 
 def stored_states(cluster: Cluster, task_ids) -> dict[str, str]:
@@ -226,26 +256,30 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         notes = inject(batch) or []
         recovery = wait_healthy(cluster, injected)
         batch.join()
-    final = await_results(batch)
     ids = list(batch.accepted)
+    final = await_results(cluster, ids)
+    succeeded = succeeded_tasks(cluster, final, {task_id: n for task_id, (n, _) in batch.accepted.items()})
+    children = {
+        final[task_id]["result"]["child"]: batch.accepted[task_id][0]
+        for task_id in succeeded
+        if "child" in final[task_id]["result"]
+    }
+    children_succeeded = succeeded_tasks(cluster, await_results(cluster, children), children)
+    lost_children = sorted(set(children) - set(children_succeeded))
+    counts = execution_counts(cluster, [*ids, *children])
     stored = stored_states(cluster, ids)
-    counts = execution_counts(cluster, ids)
-    succeeded = [
-        task_id
-        for task_id in ids
-        if final.get(task_id, {}).get("state") == "SUCCESS"
-        and final[task_id]["result"]["answer"] == expected_answer(batch.accepted[task_id][0])
-        and stored.get(task_id) == "SUCCESS"
-    ]
     outcome = Outcome(
         fault=fault,
         submitted=len(ids),
         succeeded=len(succeeded),
-        lost=sorted(set(ids) - set(succeeded)),
+        lost=sorted(set(ids) - set(succeeded)) + [f"child {child}" for child in lost_children],
+        children=len(children),
+        lost_children=len(lost_children),
         executed_twice=sum(1 for count in counts.values() if count > 1),
         recovery_seconds=recovery,
         refused=batch.refused,
         longest_outage=loop.longest_gap(),
+        slowest_answer=batch.slowest_answer,
         notes=list(notes),
     )
     if outcome.lost:
@@ -253,7 +287,8 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         outcome.notes += [
             f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]
         ]
-    never_ran = [task_id for task_id in succeeded if counts.get(task_id, 0) == 0]
+    assert children, "no task published a child: the batch proves nothing of children"
+    never_ran = [task_id for task_id in [*succeeded, *children_succeeded] if counts.get(task_id, 0) == 0]
     assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
     OUTCOMES.append(outcome)
     print("\n" + "\n".join([outcome.row(), *outcome.notes]))

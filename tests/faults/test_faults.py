@@ -1,9 +1,11 @@
 """
 No task is lost when any one process or host of the stack crashes or restarts: for each fault,
-a batch of 200 tasks (short ones and 4-second ones) goes through the API, the fault lands
-mid-batch while tasks run, and every accepted task must end in SUCCESS with the right answer,
-in the API and in PostgreSQL. Tasks executed twice (at-least-once delivery) are counted, and
-the seconds until the stack is healthy again are measured; the table is printed at the end.
+a batch of 200 tasks (short ones, 4-second ones, ones that publish a child task) goes through
+the API, the fault lands mid-batch while tasks run, and every accepted task and every child of
+a task that succeeded must end in SUCCESS with the right answer, in the API and in PostgreSQL.
+Tasks executed twice (at-least-once delivery) are counted, and the seconds until the stack is
+healthy again are measured; the table is printed at the end. No periodic run is skipped by an
+outage shorter than its interval.
 
 These hosts are the suite's own (a split topology, RabbitMQ and PostgreSQL as the defaults):
 the faults are destructive, the shared topologies are not touched.
@@ -13,14 +15,17 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import requests
 
-from bench import Cluster, Host
+from bench import Cluster, Host, wait_until
 from bench.topologies import TOPOLOGIES
 from clients import APP, MANAGED_UNITS, POSTGRESQL_UNIT, redis_client, web_url
-from faults.harness import run_fault, running_executions
+from faults.harness import rows_of_tasks, run_fault, running_executions
+from settings.declarations import Settings
 
 pytestmark = [pytest.mark.bench, pytest.mark.faults]
 
@@ -30,12 +35,24 @@ SERVICES = [(group, unit) for group, units in MANAGED_UNITS.items() for unit in 
 UNIT_RECOVERY_SECONDS = 15
 #: The longest a client may see no answer from the API when the fault is not a whole web host.
 API_OUTAGE_SECONDS = 10
+#: How long the API may take to refuse a task while RabbitMQ blocks publishers.
+API_REFUSAL_SECONDS = 5
+#: Beat's heartbeat interval on these hosts, longer than every outage of the periodic test.
+HEARTBEAT_SECONDS = 30
+#: How long the periodic test's outages last.
+OUTAGE_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
 def stack(converge) -> Cluster:
     """The suite's split topology; six pool processes per worker so a batch passes quickly."""
-    with converge("faults", TOPOLOGIES["faults"], idempotence=False, celery_concurrency="6") as cluster:
+    with converge(
+        "faults",
+        TOPOLOGIES["faults"],
+        idempotence=False,
+        celery_concurrency="6",
+        beat_heartbeat_seconds=str(HEARTBEAT_SECONDS),
+    ) as cluster:
         fresh = cluster.runs[0]
         assert fresh.returncode == 0, f"fresh deploy failed:\n{fresh.stderr[-6000:]}"
         yield cluster
@@ -156,6 +173,91 @@ def test_restart_of_postgresql_stores_every_result_and_the_api_answers_503_meanw
     assert task.json()["detail"].startswith("result backend unavailable: OperationalError: "), task.text
     assert health.status_code == 503 and health.json()["results"].startswith("unreachable: "), health.text
     assert answers["seconds"] < 15, "the API made its clients wait instead of answering 503"
+
+
+@contextmanager
+def publishers_blocked(rabbitmq: Host) -> Iterator[None]:
+    """RabbitMQ's memory alarm, forced by a watermark below what it uses: every connection that
+    publishes is blocked, consumers stay connected. The deploy's watermark is restored after."""
+    rabbitmq.exec("rabbitmqctl --quiet set_vm_memory_high_watermark 0.0001")
+    try:
+        yield
+    finally:
+        rabbitmq.exec(
+            f"rabbitmqctl --quiet set_vm_memory_high_watermark {Settings().rabbitmq_vm_memory_high_watermark}"
+        )
+
+
+def test_rabbitmq_blocking_publishers_delays_tasks_and_children_but_loses_none(stack: Cluster):
+    """While RabbitMQ blocks publishers, the API refuses tasks at once (503, which its clients
+    retry) instead of hanging; tasks that publish a child wait for the alarm to clear, then
+    publish it. (A refused task may still run once after the alarm: at-least-once.)"""
+    seen = {}
+
+    def inject(batch):
+        with publishers_blocked(stack.one("rabbitmq")):
+            refused_before = batch.refused
+            time.sleep(OUTAGE_SECONDS)
+            seen["refused"] = batch.refused - refused_before
+        return [f"RabbitMQ blocked publishers for {OUTAGE_SECONDS}s; the API refused {seen['refused']} tasks meanwhile"]
+
+    outcome = run_fault(stack, f"RabbitMQ blocks publishers (memory alarm) for {OUTAGE_SECONDS}s", inject)
+    assert outcome.lost == [], outcome.notes
+    assert seen["refused"] > 0, "the API accepted tasks while publishers were blocked: the alarm did not bite"
+    assert outcome.slowest_answer <= API_REFUSAL_SECONDS, f"the API hung {outcome.slowest_answer:.1f}s"
+
+
+def heartbeats_sent(stack: Cluster, known: dict[str, float]) -> list[float]:
+    """When beat sent each heartbeat run that has run (epoch seconds, oldest first), as the
+    task reports it through the API; ``known`` caches the answers by task id."""
+    sql = "SELECT task_id FROM celery_taskmeta WHERE name IN ({ids}) AND status = 'SUCCESS'"
+    for (task_id,) in rows_of_tasks(stack, sql, ["stackapp.heartbeat"]):
+        if task_id not in known:
+            response = requests.get(web_url(stack.one("web"), f"/tasks/{task_id}"), timeout=10)
+            known[task_id] = response.json()["result"]["sent"]
+    return sorted(known.values())
+
+
+def stopped_rabbitmq(stack: Cluster) -> None:
+    rabbitmq = stack.one("rabbitmq")
+    rabbitmq.exec("systemctl stop rabbitmq-server.service")
+    time.sleep(OUTAGE_SECONDS)
+    rabbitmq.exec("systemctl start rabbitmq-server.service")
+
+
+def blocked_publishers(stack: Cluster) -> None:
+    with publishers_blocked(stack.one("rabbitmq")):
+        time.sleep(OUTAGE_SECONDS)
+
+
+def restarted_beat(stack: Cluster) -> None:
+    stack.one("beat").exec(f"systemctl restart {APP}-beat.service")
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [stopped_rabbitmq, blocked_publishers, restarted_beat],
+    ids=["RabbitMQ stopped", "RabbitMQ blocks publishers", "beat restarted"],
+)
+def test_no_periodic_run_is_skipped_by_an_outage_shorter_than_its_interval(
+    stack: Cluster, outage: Callable[[Cluster], None]
+):
+    """The outage starts shortly before a heartbeat is due and ends after: beat sends that run
+    late (it retries the publish, or reads when the last run was from its schedule file) instead
+    of skipping it. The heartbeat carries the time beat sent it, which is its due time for a run
+    sent late, and one interval later for the run after a skipped one."""
+    known: dict[str, float] = {}
+    before = heartbeats_sent(stack, known)
+    wait_until(lambda: len(heartbeats_sent(stack, known)) > len(before), timeout=2 * HEARTBEAT_SECONDS)
+    last = heartbeats_sent(stack, known)[-1]
+    time.sleep(max(0.0, last + HEARTBEAT_SECONDS - 4 - time.time()))
+    outage(stack)
+    wait_until(lambda: heartbeats_sent(stack, known)[-1] > last, timeout=3 * HEARTBEAT_SECONDS)
+    gap = min(sent for sent in heartbeats_sent(stack, known) if sent > last) - last
+    assert gap < 1.5 * HEARTBEAT_SECONDS, (
+        f"beat sent two heartbeat runs {gap:.1f}s apart around the outage (interval {HEARTBEAT_SECONDS}s): "
+        "a run was skipped"
+    )
 
 
 def test_restart_of_redis_keeps_the_data_written_before(stack: Cluster):

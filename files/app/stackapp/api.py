@@ -40,6 +40,7 @@ CHECK_TIMEOUT = 3.0
 class TaskRequest(BaseModel):
     n: int = Field(ge=0, le=10_000_000, description="Sum the squares of 0..n-1.")
     sleep: float = Field(0.0, ge=0, le=3600, description="Seconds the task sleeps first.")
+    child: bool = Field(False, description="The task publishes a child task (same n) and returns its id.")
 
 
 @app.middleware("http")

@@ -14,19 +14,26 @@ from stackapp.celery_app import app
 
 
 @app.task(name="stackapp.compute", bind=True)
-def compute(self, n: int, sleep: float = 0.0) -> dict:
+def compute(self, n: int, sleep: float = 0.0, child: bool = False) -> dict:
     """Sum of the squares of 0..n-1, after an optional ``sleep`` to make the task long.
 
-    The caller can check the answer against the closed form (n-1)n(2n-1)/6."""
+    The caller can check the answer against the closed form (n-1)n(2n-1)/6. With ``child``,
+    the task also publishes a task of its own (the same sum, as a task that calls ``.delay()``
+    does) and returns its id, so the caller can follow it."""
     execution = executions.started(self.request.id)
     if sleep:
         time.sleep(sleep)
     answer = sum(i * i for i in range(n))
+    result = {"n": n, "answer": answer, "worker": socket.gethostname()}
+    if child:
+        result["child"] = compute.delay(n).id
     executions.finished(execution)
-    return {"n": n, "answer": answer, "worker": socket.gethostname()}
+    return result
 
 
 @app.task(name="stackapp.heartbeat")
-def heartbeat() -> float:
-    """Sent by beat on a schedule: its results show that beat and a worker are alive."""
-    return time.time()
+def heartbeat(sent: float | None = None) -> dict:
+    """Sent by beat on a schedule: its results show that beat and a worker are alive. ``sent``
+    is when beat sent it (evaluated by beat at each run, before any publish retry), so a run
+    sent late is told from a run skipped."""
+    return {"sent": sent, "ran": time.time()}
