@@ -40,7 +40,8 @@ class Outcome:
     lost: list[str]
     children: int
     lost_children: int
-    executed_twice: int
+    duplicates: int
+    executions: dict[str, int]
     recovery_seconds: float
     refused: int
     longest_outage: float
@@ -50,7 +51,7 @@ class Outcome:
     def row(self) -> str:
         return (
             f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.children} "
-            f"| {self.lost_children} | {self.executed_twice} "
+            f"| {self.lost_children} | {self.duplicates} "
             f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
         )
 
@@ -58,7 +59,7 @@ class Outcome:
 def table(outcomes: list[Outcome]) -> str:
     """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
-        "| fault | tasks submitted | succeeded | lost | children | children lost | executed twice "
+        "| fault | tasks submitted | succeeded | lost | children | children lost | duplicate runs "
         "| recovery (s) | refused by the API (retried) | longest API outage (s) |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
@@ -183,6 +184,19 @@ def queue_state(cluster: Cluster, queue: str = "celery") -> dict:
     raise AssertionError(f"no queue {queue} in {output}")
 
 
+def wait_drained(cluster: Cluster, timeout: float = 60) -> None:
+    """Until the task queue holds no message, ready or unacknowledged: a duplicate still queued
+    (a requeued copy of a task that already succeeded) is counted, not missed."""
+    try:
+        wait_until(
+            lambda: (state := queue_state(cluster))["messages_ready"] + state["messages_unacknowledged"] == 0,
+            timeout=timeout,
+            interval=0.5,
+        )
+    except AssertionError:
+        raise AssertionError(f"the task queue did not drain within {timeout}s: {queue_state(cluster)}") from None
+
+
 def wait_healthy(cluster: Cluster, since: float) -> float:
     """Seconds from ``since`` until the stack is healthy; fails after RECOVERY_TIMEOUT."""
     try:
@@ -266,6 +280,7 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
     }
     children_succeeded = succeeded_tasks(cluster, await_results(cluster, children), children)
     lost_children = sorted(set(children) - set(children_succeeded))
+    wait_drained(cluster)
     counts = execution_counts(cluster, [*ids, *children])
     stored = stored_states(cluster, ids)
     outcome = Outcome(
@@ -275,7 +290,8 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         lost=sorted(set(ids) - set(succeeded)) + [f"child {child}" for child in lost_children],
         children=len(children),
         lost_children=len(lost_children),
-        executed_twice=sum(1 for count in counts.values() if count > 1),
+        duplicates=sum(count - 1 for count in counts.values() if count > 1),
+        executions=counts,
         recovery_seconds=recovery,
         refused=batch.refused,
         longest_outage=loop.longest_gap(),
