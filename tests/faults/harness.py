@@ -282,7 +282,6 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
     lost_children = sorted(set(children) - set(children_succeeded))
     wait_drained(cluster)
     counts = execution_counts(cluster, [*ids, *children])
-    stored = stored_states(cluster, ids)
     outcome = Outcome(
         fault=fault,
         submitted=len(ids),
@@ -299,6 +298,7 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         notes=list(notes),
     )
     if outcome.lost:
+        stored = stored_states(cluster, ids)
         outcome.notes.append(f"queue after the deadline: {queue_state(cluster)}")
         outcome.notes += [
             f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]

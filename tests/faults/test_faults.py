@@ -195,6 +195,11 @@ def publishers_blocked(rabbitmq: Host) -> Iterator[None]:
         )
 
 
+def blocked_publishers(stack: Cluster) -> None:
+    with publishers_blocked(stack.one("rabbitmq")):
+        time.sleep(OUTAGE_SECONDS)
+
+
 def test_rabbitmq_blocking_publishers_delays_tasks_and_children_but_loses_none(stack: Cluster):
     """While RabbitMQ blocks publishers, the API refuses tasks at once (503, which its clients
     retry) instead of hanging; tasks that publish a child wait for the alarm to clear, then
@@ -202,10 +207,9 @@ def test_rabbitmq_blocking_publishers_delays_tasks_and_children_but_loses_none(s
     seen = {}
 
     def inject(batch):
-        with publishers_blocked(stack.one("rabbitmq")):
-            refused_before = batch.refused
-            time.sleep(OUTAGE_SECONDS)
-            seen["refused"] = batch.refused - refused_before
+        refused_before = batch.refused
+        blocked_publishers(stack)
+        seen["refused"] = batch.refused - refused_before
         return [f"RabbitMQ blocked publishers for {OUTAGE_SECONDS}s; the API refused {seen['refused']} tasks meanwhile"]
 
     outcome = run_fault(stack, f"RabbitMQ blocks publishers (memory alarm) for {OUTAGE_SECONDS}s", inject)
@@ -230,11 +234,6 @@ def stopped_rabbitmq(stack: Cluster) -> None:
     rabbitmq.exec("systemctl stop rabbitmq-server.service")
     time.sleep(OUTAGE_SECONDS)
     rabbitmq.exec("systemctl start rabbitmq-server.service")
-
-
-def blocked_publishers(stack: Cluster) -> None:
-    with publishers_blocked(stack.one("rabbitmq")):
-        time.sleep(OUTAGE_SECONDS)
 
 
 def restarted_beat(stack: Cluster) -> None:
