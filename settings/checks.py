@@ -41,6 +41,17 @@ def size(value: str) -> str | None:
     return "must be a size such as 1GB or 500MB"
 
 
+def size_or_auto(value: str) -> str | None:
+    return None if value == "auto" else size(value) and 'must be "auto" or a size such as 2GB or 512MB'
+
+
+def size_bytes(value: str) -> int:
+    """Bytes of a size that ``size`` accepts; kB, MB and GB count in 1024s, as Redis reads its
+    kb, mb and gb."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([kKMG]i?B)?", value).groups()  # type: ignore[union-attr]
+    return int(float(number) * 1024 ** {None: 0, "k": 1, "K": 1, "M": 2, "G": 3}[unit[0] if unit else None])
+
+
 def save_points(value: str) -> str | None:
     numbers = value.split()
     if numbers and len(numbers) % 2 == 0 and all(n.isdigit() for n in numbers):

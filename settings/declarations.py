@@ -59,6 +59,13 @@ class Settings:
         "always loses none and is slower.",
     )
 
+    redis_maxmemory: str = setting(
+        "auto",
+        "Redis' memory limit (maxmemory, e.g. 2GB or 512MB); auto is half the host's memory. At the limit "
+        "Redis refuses writes instead of evicting a queued task or a result (noeviction), and an alert fires. "
+        "Refused when more than the host's memory.",
+        checks.size_or_auto,
+    )
     redis_broker_db: int = setting(0, "Redis database of the broker's queues (celery_broker = redis).", checks.db_index)
     redis_result_db: int = setting(
         1, "Redis database of task results (celery_result_backend = redis).", checks.db_index
@@ -89,6 +96,19 @@ class Settings:
         3_600_000,
         "A delivery not acknowledged within this many ms closes its channel and is redelivered; "
         "must exceed the longest task, since tasks are acknowledged when they finish.",
+        checks.positive,
+    )
+    rabbitmq_queue_type: Literal["quorum", "classic"] = setting(
+        "quorum",
+        "Type of the application's queues: quorum (a delivery limit for poison tasks, countdown/ETA tasks "
+        "delayed in RabbitMQ, not held by a worker; needs Celery 5.6 in the app, else classic is used and "
+        "the deploy says so) or classic. RabbitMQ cannot change a queue's type: queues that exist with the "
+        "other one stop the deploy (those of a deployment made before this setting are classic).",
+    )
+    rabbitmq_delivery_limit: int = setting(
+        20,
+        "Quorum queues: a task delivered this many times (its process died each time) is moved to the "
+        "vhost's dead-letters queue, an alert fires, and <app>-dead-letters replays it.",
         checks.positive,
     )
 

@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pyinfra import host
+from pyinfra import host, inventory, logger
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents, FindFiles
-from pyinfra.operations import files, pip, server, systemd
+from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, render, shipped_file
+from tasks import FILES_DIR, rabbitmq, render, shipped_file
 from tasks import source as app_source
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
 from tasks.source import Source
@@ -43,6 +43,7 @@ from tasks.source import Source
 LIBRARIES = {
     "gunicorn/stack_gunicorn.py": "Gunicorn worker class (Uvicorn, drained at shutdown)",
     "celery/stack_celery.py": "Celery loader (the app's Celery app with the no-task-lost settings)",
+    "celery/stack_dead_letters.py": "dead-letters tool (lists and replays poison tasks)",
 }
 UNIT_DIR = "/etc/systemd/system"
 
@@ -169,6 +170,17 @@ def application(run: Run) -> None:
     source = app_source.resolve(config)
     code = _code(config, source)
     requirements = _venv(config, source)
+    existing = existing_queue_types(run)
+    queues = queue_type(run, existing)
+    if requirements is not None:
+        # The venv's Celery before this install was unknown or another: check it again after.
+        python.call(
+            name="Check the application's Celery, as installed, against the queues RabbitMQ holds",
+            function=_check_installed_celery,
+            config=config,
+            existing=existing,
+            _if=requirements.did_change,
+        )
     flower = flower_environment = None
     if runs(run.node, "flower"):
         flower = _flower_venv(config)
@@ -182,7 +194,7 @@ def application(run: Run) -> None:
         )
     environment = files.put(
         name="Write the environment file (broker and result URLs, with credentials, and the app's own)",
-        src=render("app/app.env.j2", variables=environment_variables(run)),
+        src=render("app/app.env.j2", variables=environment_variables(run, queues)),
         dest=f"/etc/{app}/app.env",
         user="root",
         group=app,
@@ -207,6 +219,12 @@ def application(run: Run) -> None:
         )
         for module, what in LIBRARIES.items()
     ]
+    files.put(
+        name=f"Install {app}-dead-letters, which lists and replays the tasks RabbitMQ dead-lettered",
+        src=render("app/dead-letters.sh.j2", app=app, home=home, workdir=workdir(config, source)),
+        dest=f"/usr/local/sbin/{app}-dead-letters",
+        mode="0755",
+    )
     changes = {
         "code": [code],
         "gunicorn_config": [gunicorn_config],
@@ -219,10 +237,11 @@ def application(run: Run) -> None:
     _units(run.node, source, changes)
 
 
-def environment_variables(run: Run) -> dict[str, str]:
+def environment_variables(run: Run, queues: str = "classic") -> dict[str, str]:
     """Every variable of the application's environment file: the deploy's own (STACK_*, read
-    by stack_celery.py), the broker and result URLs under each name the project reads them by,
-    the project's own variables and its secrets."""
+    by stack_celery.py; ``queues`` is the type of the RabbitMQ queues, from ``queue_type``),
+    the broker and result URLs under each name the project reads them by, the project's own
+    variables and its secrets."""
     config, secrets = run.node.config, run.secrets
     variables = {
         "STACK_CELERY_APP": config.celery_app,
@@ -231,12 +250,56 @@ def environment_variables(run: Run) -> dict[str, str]:
         "STACK_VISIBILITY_TIMEOUT": str(config.redis_visibility_timeout_seconds),
         "STACK_HEARTBEAT_SECONDS": str(config.beat_heartbeat_seconds),
         "STACK_PUBLISH_RETRY_SECONDS": str(config.celery_publish_retry_seconds),
+        "STACK_QUEUE_TYPE": queues,
     }
     variables.update(dict.fromkeys(config.app_broker_url_variables, broker_url(run)))
     variables.update(dict.fromkeys(config.app_result_backend_variables, result_backend_url(run)))
     variables.update(config.app_environment)
     variables.update(secrets.app_variables)
     return variables
+
+
+def existing_queue_types(run: Run) -> dict[str, str]:
+    """The type of each of the application's queues that exists on RabbitMQ (read from the
+    RabbitMQ host), or {} with another broker."""
+    config = run.node.config
+    if config.celery_broker != "rabbitmq":
+        return {}
+    broker = inventory.get_host(run.wiring.hosts("rabbitmq")[0].name)
+    definitions = broker.get_fact(rabbitmq.RabbitmqDefinitions)
+    return rabbitmq.existing_queue_types(definitions, config.rabbitmq_vhost, run.wiring.queues())
+
+
+def queue_type(run: Run, existing: dict[str, str]) -> str:
+    """The queue type the application is told (tasks/rabbitmq.py decides, and stops the deploy
+    on a clash with the queues that exist); what its venv's Celery then lacks is printed."""
+    config = run.node.config
+    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=_venv_python(config))
+    chosen, why = rabbitmq.queue_type(config, existing, celery)
+    if why:
+        logger.warning(f"{host.name}: {why}")
+    return chosen
+
+
+def _check_installed_celery(config: settings.Settings, existing: dict[str, str]) -> None:
+    """At run time, once the venv is installed: ``queue_type`` again with the Celery it now
+    holds, which stops the deploy before any unit restarts on a clash with the queues RabbitMQ
+    holds, or prints what that Celery lacks."""
+    probe = rabbitmq.CeleryQuorumSupport()
+    _, output = host.run_shell_command(probe.command(python=_venv_python(config)))
+    _, why = rabbitmq.queue_type(config, existing, probe.process(output.stdout_lines))
+    if why:
+        logger.warning(f"{host.name}: {why}")
+
+
+def workdir(config: settings.Settings, source: Source) -> str:
+    """Where the application's processes run: app_workdir in the synced tree, else <home>."""
+    home = config.app_home
+    return f"{home}/src/{config.app_workdir}".rstrip("/") if source.is_tree else home
+
+
+def _venv_python(config: settings.Settings) -> str:
+    return f"{config.app_home}/venv/bin/python"
 
 
 def _code(config: settings.Settings, source: Source) -> OperationMeta:
@@ -408,7 +471,7 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
     context: dict[str, Any] = dict(
         app=app,
         home=home,
-        workdir=f"{home}/src/{config.app_workdir}".rstrip("/") if source.is_tree else home,
+        workdir=workdir(config, source),
         address=node.address,
         port=config.web_port,
         asgi_app=config.asgi_app,

@@ -69,7 +69,7 @@ def node_exporter(run: Run) -> None:
 @deploy("Monitoring exporters")
 def redis_exporter(run: Run) -> None:
     config, node = run.node.config, run.node
-    keys = ",".join(f"db{config.redis_broker_db}={queue}" for queue in config.celery_queues.split(","))
+    keys = ",".join(f"db{config.redis_broker_db}={queue}" for queue in run.wiring.queues())
     args = defaults_file(
         "redis_exporter",
         "prometheus-redis-exporter",

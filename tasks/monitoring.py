@@ -24,7 +24,7 @@ from pyinfra.facts.files import FindInFile, Sha256File
 from pyinfra.operations import files, server, systemd
 
 import settings
-from tasks import packaged_service, render
+from tasks import packaged_service, rabbitmq, render
 from tasks.exporters import defaults_file
 from tasks.service import Port, Run, Scrape, Service
 
@@ -39,7 +39,7 @@ def duration_seconds(value: str) -> int:
     return int(sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", value)))
 
 
-def rules_context(config: settings.Settings, workers: int) -> dict:
+def rules_context(config: settings.Settings, workers: int, queues: list[str]) -> dict:
     """What the alert rules and their unit tests are rendered with."""
     eval_seconds = duration_seconds(config.alert_for) + 900  # past `for` and the 10-minute deriv window
     return dict(
@@ -47,8 +47,10 @@ def rules_context(config: settings.Settings, workers: int) -> dict:
         backlog=config.queue_backlog_threshold,
         # Queue names are [\w.-]+ (settings); a dot is the only character to quote, and "[.]"
         # needs no backslash inside the rules' double-quoted YAML strings.
-        queues="|".join(queue.replace(".", "[.]") for queue in config.celery_queues.split(",")),
+        queues="|".join(queue.replace(".", "[.]") for queue in queues),
         workers=workers,
+        dead_letters=rabbitmq.DEAD_LETTERS,
+        app=config.app_name,
         eval_time=f"{eval_seconds}s",
         samples=eval_seconds // 15 + 20,
         backlog_at_eval=150 + 10 * (eval_seconds // 15),
@@ -146,7 +148,7 @@ def monitoring_server(run: Run) -> None:
     """Prometheus and Alertmanager on this (monitoring) host."""
     config, secrets, address = run.node.config, run.secrets, run.node.address
     prometheus, alertmanager = f"{address}:{config.prometheus_port}", f"{address}:{config.alertmanager_port}"
-    context = rules_context(config, workers=len(run.wiring.hosts("workers")))
+    context = rules_context(config, workers=len(run.wiring.hosts("workers")), queues=run.wiring.queues())
     _checked_server(
         "Prometheus",
         "prometheus",

@@ -130,6 +130,11 @@ class Wiring:
         """The hosts of any of ``groups``, in inventory order."""
         return [node for node in self.nodes if node.has(*groups)]
 
+    def queues(self) -> list[str]:
+        """The application's task queues: those any worker host consumes (celery_queues is set
+        per worker group), sorted. What the broker's policy, its exporter and the alerts watch."""
+        return sorted({queue for node in self.hosts("workers") for queue in node.config.celery_queues.split(",")})
+
     def addresses(self, groups: Iterable[str]) -> set[str]:
         """Private addresses of the hosts of ``groups``."""
         return {node.address for node in self.hosts(*groups)}

@@ -126,6 +126,13 @@ CASES = [
         None,
         "app_source must be a directory or a wheel/sdist file on this machine, or a git URL",
     ),
+    (
+        "Redis memory limit beyond the host's memory",
+        {"redis_maxmemory": "100000GB"},
+        {},
+        None,
+        "redis_maxmemory (100000GB) is more than the memory of host",
+    ),
     ("malformed CA file", {"extra_ca_certificates": "MALFORMED_CA"}, {}, None, "is not a valid PEM certificate"),
     (
         "git ref that does not exist",

@@ -50,6 +50,33 @@ def test_redis_persistence_and_eviction_settings(deployed: Cluster):
     assert set(config["bind"].split()) == {deployed.one("redis").address, "127.0.0.1"}
 
 
+def test_redis_has_half_the_hosts_memory_and_refuses_writes_beyond_it(deployed: Cluster):
+    """redis_maxmemory = auto: half the host's memory. At the limit Redis refuses a write (it
+    evicts nothing), and writes again once there is room (the limit lowered for the test)."""
+    host_kib = int(deployed.one("redis").exec("awk '/^MemTotal:/ {print $2}' /proc/meminfo"))
+    client = redis_client(deployed)
+    limit = int(client.config_get("maxmemory")["maxmemory"])
+    assert abs(limit - host_kib * 1024 / 2) < 0.01 * host_kib * 1024, (limit, host_kib)
+    key = f"bench:{uuid.uuid4()}"
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="OOM command not allowed"):
+            client.set(key, "x")
+    finally:
+        client.config_set("maxmemory", limit)
+    assert client.set(key, "x") and client.delete(key)
+
+
+def test_redis_host_asks_for_memory_overcommit(deployed: Cluster):
+    """vm.overcommit_memory = 1 persists in /etc/sysctl.d; a container cannot set the kernel's
+    value, which is its host's: then the deploy says so, naming the setting, on every run."""
+    redis_host = deployed.one("redis")
+    assert "vm.overcommit_memory = 1" in redis_host.exec("cat /etc/sysctl.d/60-stack-redis.conf")
+    if redis_host.exec("cat /proc/sys/vm/overcommit_memory").strip() != "1":
+        for run in deployed.runs[:2]:
+            assert "Set vm.overcommit_memory = 1 on that host" in run.output, run.output[-3000:]
+
+
 @pytest.mark.parametrize("how", ["systemctl restart redis-server", "pkill -9 -x redis-server"])
 def test_redis_keeps_data_across_restart_and_crash(deployed: Cluster, how: str):
     """A key written just before is there afterwards; after kill -9 only the AOF can have it,

@@ -4,7 +4,7 @@ the alert rules pass their unit tests where they are installed; every component'
 arrive; a healthy stack fires nothing but the Watchdog; every listener is private and no
 exporter runs as root. On the split topology, alerts really arrive: a webhook receiver in this
 test process gets the firing alert when the Celery worker, then Redis, is stopped, and the
-resolved one when it is started again.
+resolved one when it is started again, and when Redis reaches its memory limit.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from bench import Cluster
-from clients import APP, MANAGED_UNITS, REPORT, prometheus_api, query, wait_until
+from clients import APP, MANAGED_UNITS, REPORT, prometheus_api, query, redis_client, wait_until
 
 pytestmark = pytest.mark.bench
 
@@ -164,3 +164,26 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
         f"stop; resolved {resolved[0][0] - started:.1f}s after the start"
     )
     assert fired[0][0] - stopped < 90, "the alert came later than scrape + evaluation + for + group_wait allow"
+
+
+@pytest.mark.parametrize("deployed", ["split"], indirect=True)
+def test_redis_refusing_writes_at_its_memory_limit_is_alerted(deployed: Cluster):
+    """Redis at maxmemory refuses writes (noeviction): the operator is told. The limit is lowered
+    below what Redis uses for the test (CONFIG SET), then restored."""
+    client = redis_client(deployed)
+    limit = client.config_get("maxmemory")["maxmemory"]
+    since = time.monotonic()
+
+    def told():
+        return [
+            alert
+            for at, alert in deployed.receiver.alerts(since)
+            if alert["labels"]["alertname"] == "RedisRefusingWrites" and alert["status"] == "firing"
+        ]
+
+    client.config_set("maxmemory", 1)
+    try:
+        received = wait_until(told, timeout=120, interval=1) and time.monotonic() - since
+    finally:
+        client.config_set("maxmemory", limit)
+    REPORT.append(f"RedisRefusingWrites received {received:.1f}s after Redis reached its limit")

@@ -18,14 +18,24 @@ Publishing depends on the role (``STACK_CELERY_ROLE``, set by each unit):
   they keep retrying while the broker is unreachable, for ``STACK_PUBLISH_RETRY_SECONDS``
   (setting ``celery_publish_retry_seconds``), and wait while it blocks publishers.
 
+Queues (RabbitMQ): with ``STACK_QUEUE_TYPE`` quorum (the deploy's choice, tasks/rabbitmq.py), the
+application's queues are quorum queues on topic exchanges, so that Celery delays countdown/ETA
+tasks in RabbitMQ (native delayed delivery) instead of a worker holding them unacknowledged
+past the consumer timeout, and RabbitMQ counts deliveries, so a task whose process dies every
+time ends in the dead-letters queue. A Celery without ``task_create_missing_queue_exchange_type``
+(older than 5.6) gets classic queues, and a warning in the log says what it lacks.
+
 Installed by the deploy into ``<app_dir>/lib``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
+import celery
+from celery.app.defaults import NAMESPACES
 from celery.app.utils import find_app
 from kombu.transport import pyamqp
 
@@ -35,6 +45,14 @@ ROLE = os.environ.get("STACK_CELERY_ROLE", "web")
 VISIBILITY_TIMEOUT = int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))
 #: How long beat and the workers keep retrying a publish to an unreachable broker.
 PUBLISH_RETRY_SECONDS = float(os.environ.get("STACK_PUBLISH_RETRY_SECONDS", "600"))
+#: "quorum" or "classic": the type of the application's queues on RabbitMQ.
+QUEUE_TYPE = os.environ.get("STACK_QUEUE_TYPE", "classic")
+#: What an application on classic queues lacks, for the warning.
+CLASSIC_LACKS = (
+    "no delivery limit (a task whose process dies every time is redelivered for ever) and "
+    "countdown/ETA tasks held unacknowledged by a worker (RabbitMQ's consumer timeout closes its "
+    "channel when they wait longer)"
+)
 #: The longest wait between two tries of a publish.
 RETRY_INTERVAL_MAX = 2.0
 
@@ -109,6 +127,40 @@ WORKER = dict(
 )
 
 
+def quorum_capable() -> bool:
+    """Whether this Celery can put every queue, including those a worker creates from its -Q
+    list, on quorum queues and topic exchanges (Celery 5.6 and later)."""
+    return "create_missing_queue_exchange_type" in NAMESPACES["task"]
+
+
+#: Quorum queues on topic exchanges: Celery disables global QoS (quorum queues have none) and,
+#: for a countdown or ETA, publishes to its delay exchanges (topic exchanges only).
+QUORUM = dict(
+    task_default_queue_type="quorum",
+    task_default_exchange_type="topic",
+    task_create_missing_queue_type="quorum",
+    task_create_missing_queue_exchange_type="topic",
+    worker_detect_quorum_queues=True,
+)
+
+
+def queue_settings() -> dict:
+    """Celery settings for the queue type the deploy chose, or {} for classic queues (Celery's
+    default). Logs what the application lacks when it gets classic queues for want of a
+    Celery that supports quorum queues."""
+    if redis_broker() or QUEUE_TYPE != "quorum":
+        return {}
+    if not quorum_capable():
+        logging.getLogger(__name__).warning(
+            "Celery %s cannot run every queue as a quorum queue: the queues are classic, with %s. "
+            "Celery 5.6 brings them.",
+            celery.__version__,
+            CLASSIC_LACKS,
+        )
+        return {}
+    return QUORUM
+
+
 def transport_options() -> dict:
     """Broker transport options merged over the application's: publisher confirms with
     RabbitMQ (a publish returns once the broker has the message); with Redis, the visibility
@@ -126,6 +178,7 @@ def apply(role: str) -> None:
     of a worker for "worker"."""
     app.conf.update(
         PUBLISHER,
+        **queue_settings(),
         task_publish_retry_policy=FAIL_FAST if role == "web" else patient_policy(PUBLISH_RETRY_SECONDS),
         broker_transport_options=transport_options(),
         # With a database result store: test pooled connections before use, so the first query

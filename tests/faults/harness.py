@@ -7,7 +7,9 @@ A task is the stack's responsibility once the API answered 202. Before that, the
 batch's client retries what the API refuses (503, or no connection while a host reboots) as
 any real client must, and counts the refusals. Some tasks of each batch publish a child task
 from the worker (as ``.delay()`` inside a task does): a child is the stack's responsibility
-once its parent succeeded, and a parent that succeeded without its child counts as lost.
+once its parent succeeded, and a parent that succeeded without its child counts as lost. Some
+are submitted with a countdown, so the fault also lands on tasks waiting in RabbitMQ's delay
+queues.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ OUTCOMES: list[Outcome] = []
 #: How long a fault may keep the stack from being healthy, and a batch from finishing.
 RECOVERY_TIMEOUT = 180
 RESULTS_TIMEOUT = 300
+#: The countdown of a batch's countdown tasks.
+COUNTDOWN_SECONDS = 5.0
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Outcome:
     lost: list[str]
     children: int
     lost_children: int
+    countdowns: int
+    lost_countdowns: int
     duplicates: int
     executions: dict[str, int]
     recovery_seconds: float
@@ -51,7 +57,7 @@ class Outcome:
     def row(self) -> str:
         return (
             f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.children} "
-            f"| {self.lost_children} | {self.duplicates} "
+            f"| {self.lost_children} | {self.countdowns} | {self.lost_countdowns} | {self.duplicates} "
             f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
         )
 
@@ -59,26 +65,41 @@ class Outcome:
 def table(outcomes: list[Outcome]) -> str:
     """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
-        "| fault | tasks submitted | succeeded | lost | children | children lost | duplicate runs "
-        "| recovery (s) | refused by the API (retried) | longest API outage (s) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| fault | tasks submitted | succeeded | lost | children | children lost | countdowns "
+        "| countdowns lost | duplicate runs | recovery (s) | refused by the API (retried) "
+        "| longest API outage (s) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     return "\n".join([header, *(outcome.row() for outcome in outcomes)])
 
 
 class Batch:
     """``size`` tasks: every ``long_every``-th sleeps ``long_sleep`` s, every ``child_every``-th
-    (the 3rd, 3+child_every-th…) publishes a child task, the others are short. ``submit()``
-    posts them from a background thread, spreading them over the web hosts."""
+    (the 3rd, 3+child_every-th…) publishes a child task, every ``countdown_every``-th (the 5th…)
+    has a countdown of COUNTDOWN_SECONDS, the others are short. ``submit()`` posts them from a
+    background thread, spreading them over the web hosts."""
 
     def __init__(
-        self, cluster: Cluster, size: int = 200, long_every: int = 8, long_sleep: float = 4.0, child_every: int = 8
+        self,
+        cluster: Cluster,
+        size: int = 200,
+        long_every: int = 8,
+        long_sleep: float = 4.0,
+        child_every: int = 8,
+        countdown_every: int = 8,
     ):
         self.cluster = cluster
         self.specs = [
-            (1000 + 37 * i, long_sleep if i % long_every == 0 else 0.0, i % child_every == 3) for i in range(size)
+            (
+                1000 + 37 * i,
+                long_sleep if i % long_every == 0 else 0.0,
+                i % child_every == 3,
+                COUNTDOWN_SECONDS if i % countdown_every == 5 else 0.0,
+            )
+            for i in range(size)
         ]
         self.accepted: dict[str, tuple[int, float]] = {}
+        self.countdowns: set[str] = set()
         self.slowest_answer = 0.0
         self.lock = threading.Lock()
         self.refused = 0
@@ -102,24 +123,27 @@ class Batch:
 
     def _submit_all(self) -> None:
         webs = self.cluster.by_group("web")
-        for index, (n, sleep, child) in enumerate(self.specs):
+        for index, (n, sleep, child, countdown) in enumerate(self.specs):
             try:
-                task_id = self._submit_one(webs[index % len(webs)], n, sleep, child)
+                task_id = self._submit_one(
+                    webs[index % len(webs)], {"n": n, "sleep": sleep, "child": child, "countdown": countdown}
+                )
             except Exception as error:  # reported by join(), on the test's thread
                 self.errors.append(f"task {index} (n={n}) was never accepted: {error}")
                 self.half_submitted.set()
                 return
             with self.lock:
                 self.accepted[task_id] = (n, sleep)
+                if countdown:
+                    self.countdowns.add(task_id)
             if index + 1 == len(self.specs) // 2:
                 self.half_submitted.set()
 
-    def _submit_one(self, web, n: int, sleep: float, child: bool) -> str:
+    def _submit_one(self, web, body: dict) -> str:
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         while True:
             asked = time.monotonic()
             try:
-                body = {"n": n, "sleep": sleep, "child": child}
                 response = requests.post(web_url(web, "/tasks"), json=body, timeout=15)
                 if response.status_code == 202:
                     return response.json()["id"]
@@ -184,17 +208,25 @@ def queue_state(cluster: Cluster, queue: str = "celery") -> dict:
     raise AssertionError(f"no queue {queue} in {output}")
 
 
+def waiting_messages(cluster: Cluster) -> dict[str, int]:
+    """Messages, ready or unacknowledged, in the task queue and in Celery's delay queues."""
+    output = cluster.one("rabbitmq").exec(
+        "rabbitmqctl --quiet list_queues --vhost celery name messages --formatter json"
+    )
+    return {
+        entry["name"]: entry["messages"]
+        for entry in json.loads(output)
+        if entry["name"] == "celery" or entry["name"].startswith("celery_delayed_")
+    }
+
+
 def wait_drained(cluster: Cluster, timeout: float = 60) -> None:
-    """Until the task queue holds no message, ready or unacknowledged: a duplicate still queued
-    (a requeued copy of a task that already succeeded) is counted, not missed."""
+    """Until the task queue and the delay queues hold no message: a duplicate still queued (a
+    requeued copy of a task that already succeeded) is counted, not missed."""
     try:
-        wait_until(
-            lambda: (state := queue_state(cluster))["messages_ready"] + state["messages_unacknowledged"] == 0,
-            timeout=timeout,
-            interval=0.5,
-        )
+        wait_until(lambda: sum(waiting_messages(cluster).values()) == 0, timeout=timeout, interval=0.5)
     except AssertionError:
-        raise AssertionError(f"the task queue did not drain within {timeout}s: {queue_state(cluster)}") from None
+        raise AssertionError(f"the queues did not drain within {timeout}s: {waiting_messages(cluster)}") from None
 
 
 def wait_healthy(cluster: Cluster, since: float) -> float:
@@ -289,6 +321,8 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         lost=sorted(set(ids) - set(succeeded)) + [f"child {child}" for child in lost_children],
         children=len(children),
         lost_children=len(lost_children),
+        countdowns=len(batch.countdowns),
+        lost_countdowns=len(batch.countdowns - set(succeeded)),
         duplicates=sum(count - 1 for count in counts.values() if count > 1),
         executions=counts,
         recovery_seconds=recovery,
@@ -304,6 +338,7 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
             f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]
         ]
     assert children, "no task published a child: the batch proves nothing of children"
+    assert batch.countdowns, "no task had a countdown: the batch proves nothing of countdowns"
     never_ran = [task_id for task_id in [*succeeded, *children_succeeded] if counts.get(task_id, 0) == 0]
     assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
     OUTCOMES.append(outcome)

@@ -41,6 +41,8 @@ class TaskRequest(BaseModel):
     n: int = Field(ge=0, le=10_000_000, description="Sum the squares of 0..n-1.")
     sleep: float = Field(0.0, ge=0, le=3600, description="Seconds the task sleeps first.")
     child: bool = Field(False, description="The task publishes a child task (same n) and returns its id.")
+    countdown: float = Field(0.0, ge=0, le=86_400, description="Seconds before the task may run.")
+    poison_until: str = Field("", description="The task kills its process until this file exists.")
 
 
 @app.middleware("http")
@@ -75,7 +77,8 @@ def unavailable(service: str, error: Exception) -> HTTPException:
 @app.post("/tasks", status_code=202)
 def submit(task: TaskRequest) -> dict:
     try:
-        result = compute.apply_async(kwargs=task.model_dump())
+        kwargs = task.model_dump(exclude={"countdown"})
+        result = compute.apply_async(kwargs=kwargs, countdown=task.countdown or None)
     except Exception as error:  # the broker is unreachable after the publish retries
         raise unavailable("broker", error) from None
     TASKS_SUBMITTED.inc()

@@ -6,6 +6,8 @@ again gives the same answer with no other effect than one more line in the execu
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -14,13 +16,17 @@ from stackapp.celery_app import app
 
 
 @app.task(name="stackapp.compute", bind=True)
-def compute(self, n: int, sleep: float = 0.0, child: bool = False) -> dict:
+def compute(self, n: int, sleep: float = 0.0, child: bool = False, poison_until: str = "") -> dict:
     """Sum of the squares of 0..n-1, after an optional ``sleep`` to make the task long.
 
     The caller can check the answer against the closed form (n-1)n(2n-1)/6. With ``child``,
     the task also publishes a task of its own (the same sum, as a task that calls ``.delay()``
-    does) and returns its id, so the caller can follow it."""
+    does) and returns its id, so the caller can follow it. With ``poison_until`` (a path), the
+    task kills its own process, as an out-of-memory kill would, until that file exists: a
+    poison task, and its fix."""
     execution = executions.started(self.request.id)
+    if poison_until and not os.path.exists(poison_until):
+        os.kill(os.getpid(), signal.SIGKILL)
     if sleep:
         time.sleep(sleep)
     answer = sum(i * i for i in range(n))
