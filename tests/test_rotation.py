@@ -40,7 +40,7 @@ def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
     # Redis and its exporter, the only users of Redis's password with the default choices.
     for address in {host.address for host in deployed.by_group("redis")}:
         expected |= {
-            f"Redis | Write our Redis settings (persistence, auth, bind, noeviction) @ {address}",
+            f"Redis | Write our Redis settings (persistence, auth, bind, memory limit, noeviction) @ {address}",
             f"Redis | Restart Redis to apply the changed configuration @ {address}",
             f"Monitoring exporters | Configure redis_exporter (private address, secret) @ {address}",
             f"Monitoring exporters | Restart redis_exporter to apply the changed configuration @ {address}",

@@ -131,14 +131,8 @@ def test_a_poison_task_is_dead_lettered_after_the_delivery_limit_alerted_and_rep
     # The workers go on with other tasks.
     assert task_result(web, submit(web), timeout=60)["state"] == "SUCCESS"
 
-    def told():
-        return [
-            alert
-            for at, alert in cluster.receiver.alerts(since)
-            if alert["labels"]["alertname"] == "TasksDeadLettered" and alert["status"] == "firing"
-        ]
-
-    alerted = wait_until(told, timeout=120, interval=1) and time.monotonic() - since
+    told = wait_until(lambda: cluster.receiver.firing("TasksDeadLettered", since), timeout=120, interval=1)
+    alerted = told[0][0] - since
 
     listing = worker.exec(f"{APP}-dead-letters list")
     assert task_id in listing and "1 task(s) in dead-letters" in listing, listing

@@ -39,6 +39,14 @@ class AlertReceiver:
         with self.lock:
             return [(at, alert) for at, body in self.notifications if at >= since for alert in body.get("alerts", [])]
 
+    def firing(self, alertname: str, since: float = 0.0) -> list[tuple[float, dict]]:
+        """(arrival time, alert) of each firing ``alertname`` received after ``since``."""
+        return [
+            (at, alert)
+            for at, alert in self.alerts(since)
+            if alert["labels"]["alertname"] == alertname and alert["status"] == "firing"
+        ]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -9,7 +9,8 @@ any real client must, and counts the refusals. Some tasks of each batch publish 
 from the worker (as ``.delay()`` inside a task does): a child is the stack's responsibility
 once its parent succeeded, and a parent that succeeded without its child counts as lost. Some
 are submitted with a countdown, so the fault also lands on tasks waiting in RabbitMQ's delay
-queues.
+queues; some are workflows (a chain of two tasks, a chord of three and their total), followed
+by their last task, whose answer depends on every task before it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import requests
 
 from bench import Cluster, wait_until
 from clients import MANAGED_UNITS, RequestLoop, expected_answer, psql_from, web_url
+
+#: Tasks in a chord's header (stackapp.tasks.CHORD_SIZE): its total is that many answers.
+CHORD_SIZE = 3
+#: The shapes the table counts, beside plain tasks: what each row reports as "submitted (lost)".
+SHAPES = ("children", "countdowns", "chains", "chords")
 
 #: Outcomes of the session's faults, in order, for the summary table.
 OUTCOMES: list[Outcome] = []
@@ -42,10 +48,8 @@ class Outcome:
     submitted: int
     succeeded: int
     lost: list[str]
-    children: int
-    lost_children: int
-    countdowns: int
-    lost_countdowns: int
+    #: Shape (SHAPES) → (how many, how many lost).
+    shapes: dict[str, tuple[int, int]]
     duplicates: int
     executions: dict[str, int]
     recovery_seconds: float
@@ -56,8 +60,9 @@ class Outcome:
 
     def row(self) -> str:
         return (
-            f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | {self.children} "
-            f"| {self.lost_children} | {self.countdowns} | {self.lost_countdowns} | {self.duplicates} "
+            f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | "
+            + " | ".join(f"{count} ({lost})" for count, lost in (self.shapes[shape] for shape in SHAPES))
+            + f" | {self.duplicates} "
             f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
         )
 
@@ -65,9 +70,8 @@ class Outcome:
 def table(outcomes: list[Outcome]) -> str:
     """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
-        "| fault | tasks submitted | succeeded | lost | children | children lost | countdowns "
-        "| countdowns lost | duplicate runs | recovery (s) | refused by the API (retried) "
-        "| longest API outage (s) |\n"
+        "| fault | tasks submitted | succeeded | lost | children (lost) | countdowns (lost) | chains (lost) "
+        "| chords (lost) | duplicate runs | recovery (s) | refused by the API (retried) | longest API outage (s) |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     return "\n".join([header, *(outcome.row() for outcome in outcomes)])
@@ -76,8 +80,9 @@ def table(outcomes: list[Outcome]) -> str:
 class Batch:
     """``size`` tasks: every ``long_every``-th sleeps ``long_sleep`` s, every ``child_every``-th
     (the 3rd, 3+child_every-th…) publishes a child task, every ``countdown_every``-th (the 5th…)
-    has a countdown of COUNTDOWN_SECONDS, the others are short. ``submit()`` posts them from a
-    background thread, spreading them over the web hosts."""
+    has a countdown of COUNTDOWN_SECONDS, every ``workflow_every``-th (the 6th…) is a chain and
+    the one ``workflow_every`` later a chord (POST /workflows), the others are short.
+    ``submit()`` posts them from a background thread, spreading them over the web hosts."""
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class Batch:
         long_sleep: float = 4.0,
         child_every: int = 8,
         countdown_every: int = 8,
+        workflow_every: int = 8,
     ):
         self.cluster = cluster
         self.specs = [
@@ -95,11 +101,15 @@ class Batch:
                 long_sleep if i % long_every == 0 else 0.0,
                 i % child_every == 3,
                 COUNTDOWN_SECONDS if i % countdown_every == 5 else 0.0,
+                ("chain", "chord")[i // workflow_every % 2] if i % workflow_every == 6 else "",
             )
             for i in range(size)
         ]
         self.accepted: dict[str, tuple[int, float]] = {}
-        self.countdowns: set[str] = set()
+        #: Task id → the answer its result must hold.
+        self.answers: dict[str, int] = {}
+        #: Shape (countdowns, chains, chords) → the ids of the batch's tasks of that shape.
+        self.shaped: dict[str, set[str]] = {"countdowns": set(), "chains": set(), "chords": set()}
         self.slowest_answer = 0.0
         self.lock = threading.Lock()
         self.refused = 0
@@ -123,32 +133,37 @@ class Batch:
 
     def _submit_all(self) -> None:
         webs = self.cluster.by_group("web")
-        for index, (n, sleep, child, countdown) in enumerate(self.specs):
+        for index, (n, sleep, child, countdown, workflow) in enumerate(self.specs):
+            if workflow:
+                path, body = "/workflows", {"shape": workflow, "n": n}
+            else:
+                path, body = "/tasks", {"n": n, "sleep": sleep, "child": child, "countdown": countdown}
             try:
-                task_id = self._submit_one(
-                    webs[index % len(webs)], {"n": n, "sleep": sleep, "child": child, "countdown": countdown}
-                )
+                task_id = self._submit_one(webs[index % len(webs)], path, body)
             except Exception as error:  # reported by join(), on the test's thread
                 self.errors.append(f"task {index} (n={n}) was never accepted: {error}")
                 self.half_submitted.set()
                 return
             with self.lock:
                 self.accepted[task_id] = (n, sleep)
+                self.answers[task_id] = expected_answer(n) * (CHORD_SIZE if workflow == "chord" else 1)
                 if countdown:
-                    self.countdowns.add(task_id)
+                    self.shaped["countdowns"].add(task_id)
+                if workflow:
+                    self.shaped[f"{workflow}s"].add(task_id)
             if index + 1 == len(self.specs) // 2:
                 self.half_submitted.set()
 
-    def _submit_one(self, web, body: dict) -> str:
+    def _submit_one(self, web, path: str, body: dict) -> str:
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         while True:
             asked = time.monotonic()
             try:
-                response = requests.post(web_url(web, "/tasks"), json=body, timeout=15)
+                response = requests.post(web_url(web, path), json=body, timeout=15)
                 if response.status_code == 202:
                     return response.json()["id"]
                 if response.status_code != 503:
-                    raise AssertionError(f"POST /tasks answered {response.status_code}: {response.text}")
+                    raise AssertionError(f"POST {path} answered {response.status_code}: {response.text}")
                 refusal = response.text
             except requests.RequestException as error:
                 refusal = str(error)
@@ -262,15 +277,15 @@ def await_results(cluster: Cluster, task_ids) -> dict[str, dict]:
     return final
 
 
-def succeeded_tasks(cluster: Cluster, final: dict[str, dict], expected: dict[str, int]) -> list[str]:
-    """The tasks of ``expected`` (task id → n) that ended SUCCESS with the right answer, as
-    the API says (``final``) and PostgreSQL's celery_taskmeta stores."""
-    stored = stored_states(cluster, list(expected))
+def succeeded_tasks(cluster: Cluster, final: dict[str, dict], answers: dict[str, int]) -> list[str]:
+    """The tasks of ``answers`` (task id → the answer it must give) that ended SUCCESS with
+    that answer, as the API says (``final``) and PostgreSQL's celery_taskmeta stores."""
+    stored = stored_states(cluster, list(answers))
     return [
         task_id
-        for task_id, n in expected.items()
+        for task_id, answer in answers.items()
         if final.get(task_id, {}).get("state") == "SUCCESS"
-        and final[task_id]["result"]["answer"] == expected_answer(n)
+        and final[task_id]["result"]["answer"] == answer
         and stored.get(task_id) == "SUCCESS"
     ]
 
@@ -304,9 +319,9 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         batch.join()
     ids = list(batch.accepted)
     final = await_results(cluster, ids)
-    succeeded = succeeded_tasks(cluster, final, {task_id: n for task_id, (n, _) in batch.accepted.items()})
+    succeeded = succeeded_tasks(cluster, final, batch.answers)
     children = {
-        final[task_id]["result"]["child"]: batch.accepted[task_id][0]
+        final[task_id]["result"]["child"]: batch.answers[task_id]
         for task_id in succeeded
         if "child" in final[task_id]["result"]
     }
@@ -319,10 +334,10 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         submitted=len(ids),
         succeeded=len(succeeded),
         lost=sorted(set(ids) - set(succeeded)) + [f"child {child}" for child in lost_children],
-        children=len(children),
-        lost_children=len(lost_children),
-        countdowns=len(batch.countdowns),
-        lost_countdowns=len(batch.countdowns - set(succeeded)),
+        shapes={
+            "children": (len(children), len(lost_children)),
+            **{shape: (len(ids), len(ids - set(succeeded))) for shape, ids in batch.shaped.items()},
+        },
         duplicates=sum(count - 1 for count in counts.values() if count > 1),
         executions=counts,
         recovery_seconds=recovery,
@@ -338,7 +353,8 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
             f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]
         ]
     assert children, "no task published a child: the batch proves nothing of children"
-    assert batch.countdowns, "no task had a countdown: the batch proves nothing of countdowns"
+    empty = [shape for shape, ids in batch.shaped.items() if not ids]
+    assert not empty, f"the batch has no task of these shapes, so it proves nothing of them: {empty}"
     never_ran = [task_id for task_id in [*succeeded, *children_succeeded] if counts.get(task_id, 0) == 0]
     assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
     OUTCOMES.append(outcome)

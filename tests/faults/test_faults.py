@@ -1,7 +1,7 @@
 """
 No task is lost when any one process or host of the stack crashes or restarts: for each fault,
 a batch of 200 tasks (short ones, 4-second ones, ones that publish a child task, ones with a
-countdown) goes through the API, the fault lands mid-batch while tasks run, and every accepted
+countdown, chains and chords) goes through the API, the fault lands mid-batch while tasks run, and every accepted
 task and every child of a task that succeeded must end in SUCCESS with the right answer, in the
 API and in PostgreSQL.
 Duplicate runs (at-least-once delivery: a task run three times is two) are counted, and the seconds until the stack is

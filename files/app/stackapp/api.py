@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Literal
 
 from celery.result import AsyncResult
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -22,7 +23,7 @@ from sqlalchemy import text
 from stackapp import executions
 from stackapp.celery_app import app as celery
 from stackapp.release import RELEASE
-from stackapp.tasks import compute
+from stackapp.tasks import compute, workflow
 
 # The API must answer, not wait: a read tries the result database twice more while it
 # restarts, then the API answers 503. (Workers, which must store every result, retry for ever:
@@ -43,6 +44,13 @@ class TaskRequest(BaseModel):
     child: bool = Field(False, description="The task publishes a child task (same n) and returns its id.")
     countdown: float = Field(0.0, ge=0, le=86_400, description="Seconds before the task may run.")
     poison_until: str = Field("", description="The task kills its process until this file exists.")
+
+
+class WorkflowRequest(BaseModel):
+    shape: Literal["chain", "chord"] = Field(
+        description="A chain of two compute(n), or a chord of three and their total."
+    )
+    n: int = Field(ge=0, le=10_000_000, description="Sum the squares of 0..n-1, in each task.")
 
 
 @app.middleware("http")
@@ -79,6 +87,17 @@ def submit(task: TaskRequest) -> dict:
     try:
         kwargs = task.model_dump(exclude={"countdown"})
         result = compute.apply_async(kwargs=kwargs, countdown=task.countdown or None)
+    except Exception as error:  # the broker is unreachable after the publish retries
+        raise unavailable("broker", error) from None
+    TASKS_SUBMITTED.inc()
+    return {"id": result.id}
+
+
+@app.post("/workflows", status_code=202)
+def submit_workflow(request: WorkflowRequest) -> dict:
+    """A chain or a chord; the id is its last task's, whose result is the workflow's."""
+    try:
+        result = workflow(request.shape, request.n).apply_async()
     except Exception as error:  # the broker is unreachable after the publish retries
         raise unavailable("broker", error) from None
     TASKS_SUBMITTED.inc()

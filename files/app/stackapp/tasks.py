@@ -11,8 +11,13 @@ import signal
 import socket
 import time
 
+from celery import chain, chord
+
 from stackapp import executions
 from stackapp.celery_app import app
+
+#: The tasks of a chord's header.
+CHORD_SIZE = 3
 
 
 @app.task(name="stackapp.compute", bind=True)
@@ -43,3 +48,20 @@ def heartbeat(sent: float | None = None) -> dict:
     is when beat sent it (evaluated by beat at each run, before any publish retry), so a run
     sent late is told from a run skipped."""
     return {"sent": sent, "ran": time.time()}
+
+
+@app.task(name="stackapp.total", bind=True)
+def total(self, results: list[dict]) -> dict:
+    """A chord's callback: the sum of its header's answers."""
+    execution = executions.started(self.request.id)
+    answer = sum(result["answer"] for result in results)
+    executions.finished(execution)
+    return {"answer": answer, "parts": len(results)}
+
+
+def workflow(shape: str, n: int):
+    """A canvas of compute(n) tasks whose last task answers ``expected(shape, n)``: a chain of
+    two (the second runs once the first succeeded) or a chord of three and their total."""
+    if shape == "chain":
+        return chain(compute.si(n), compute.si(n))
+    return chord([compute.si(n) for _ in range(CHORD_SIZE)], total.s())
