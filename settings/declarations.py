@@ -253,6 +253,14 @@ class Settings:
         "for about 2 s and answers 503.",
         checks.positive,
     )
+    celery_chord_timeout_seconds: int = setting(
+        86400,
+        "With the PostgreSQL result backend, how long a chord waits for its header's tasks before it fails. "
+        "Celery's chord_unlock polls their results every second, for ever by default, so a chord whose "
+        "publishing failed halfway (the API answers 503 while RabbitMQ blocks publishers) would poll for "
+        "ever for tasks never sent. 0: no limit.",
+        checks.zero_or_positive,
+    )
     beat_heartbeat_seconds: float = setting(
         60.0,
         "Interval of the heartbeat task beat sends, which shows that beat and a worker are alive.",

@@ -250,6 +250,7 @@ def environment_variables(run: Run, queues: str = "classic") -> dict[str, str]:
         "STACK_VISIBILITY_TIMEOUT": str(config.redis_visibility_timeout_seconds),
         "STACK_HEARTBEAT_SECONDS": str(config.beat_heartbeat_seconds),
         "STACK_PUBLISH_RETRY_SECONDS": str(config.celery_publish_retry_seconds),
+        "STACK_CHORD_TIMEOUT_SECONDS": str(config.celery_chord_timeout_seconds),
         "STACK_QUEUE_TYPE": queues,
     }
     variables.update(dict.fromkeys(config.app_broker_url_variables, broker_url(run)))

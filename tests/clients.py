@@ -189,13 +189,19 @@ def query(cluster: Cluster, expression: str) -> list[dict]:
     return prometheus_api(cluster, "query", query=expression)["result"]
 
 
-def worker_conf(cluster: Cluster, app: str = APP) -> dict:
-    """The configuration the running worker reports (``celery inspect conf``), asked from a
-    worker host with the unit's environment file and working directory."""
-    host = cluster.one("workers")
+def as_the_worker(host: Host, command: str, app: str = APP) -> str:
+    """The output of ``command`` run on a worker host as the worker unit runs: as the
+    application's user, with its environment file, working directory and the deploy's library
+    (stack_celery) on the path. ``command`` must hold no single quote."""
     workdir = host.exec(f"systemctl show -p WorkingDirectory --value {app}-worker.service").strip()
-    inspect = (
+    return host.exec(
         f"runuser -u {app} -- sh -c 'set -a && . /etc/{app}/app.env && cd {workdir} && "
-        f"PYTHONPATH=/opt/{app}/lib /opt/{app}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10'"
+        f"PYTHONPATH=/opt/{app}/lib {command}'"
     )
-    return next(iter(json.loads(host.exec(inspect).strip().splitlines()[-1]).values()))
+
+
+def worker_conf(cluster: Cluster, app: str = APP) -> dict:
+    """The configuration the running worker reports (``celery inspect conf``)."""
+    inspect = f"/opt/{app}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10"
+    output = as_the_worker(cluster.one("workers"), inspect, app)
+    return next(iter(json.loads(output.strip().splitlines()[-1]).values()))

@@ -3,15 +3,17 @@ Task shapes beyond "run now, once" on RabbitMQ: the application's queues are quo
 a countdown longer than RabbitMQ's consumer timeout waits in RabbitMQ (Celery's native delayed
 delivery) instead of in a worker, and runs once with no worker restart; a poison task (its
 process dies at every delivery) stops after the delivery limit in the dead-letters queue, the
-operator is alerted, and once fixed, ``<app>-dead-letters replay`` runs it once more.
+operator is alerted, and once fixed, ``<app>-dead-letters replay`` runs it once more; a chord
+whose header was never sent stops waiting after ``celery_chord_timeout_seconds``.
 
 On the split topology (its monitoring host alerts this process's webhook receiver), deployed
-again for these tests with RabbitMQ's consumer timeout shortened to CONSUMER_TIMEOUT_SECONDS,
-and restored after.
+again for these tests with RabbitMQ's consumer timeout shortened to CONSUMER_TIMEOUT_SECONDS
+and the chord timeout to CHORD_TIMEOUT_SECONDS, and restored after.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -21,7 +23,7 @@ import pytest
 import requests
 
 from bench import Cluster, Host, wait_until
-from clients import APP, REPORT, amqp, task_result, web_url
+from clients import APP, REPORT, amqp, as_the_worker, task_result, web_url
 from settings.declarations import Settings
 from tasks.rabbitmq import DEAD_LETTERS, POLICY
 
@@ -31,16 +33,21 @@ pytestmark = [pytest.mark.bench, pytest.mark.parametrize("deployed", ["split"], 
 CONSUMER_TIMEOUT_SECONDS = 20
 #: The countdown of the delayed task: beyond the consumer timeout, with a margin.
 COUNTDOWN_SECONDS = CONSUMER_TIMEOUT_SECONDS + 15
+#: How long a chord waits for its header in these tests (the default is a day).
+CHORD_TIMEOUT_SECONDS = 15
 
 
 @pytest.fixture(scope="module")
-def short_timeout(deployed: Cluster) -> Iterator[Cluster]:
-    """The topology with a 20 s consumer timeout (the longest task lowered to fit under it)."""
+def short_timeouts(deployed: Cluster) -> Iterator[Cluster]:
+    """The topology with a 20 s consumer timeout (the longest task lowered to fit under it) and
+    a 15 s chord timeout."""
     run = deployed.deploy(
         "--data",
         f"rabbitmq_consumer_timeout_ms={CONSUMER_TIMEOUT_SECONDS * 1000}",
         "--data",
         f"celery_longest_task_seconds={CONSUMER_TIMEOUT_SECONDS // 2}",
+        "--data",
+        f"celery_chord_timeout_seconds={CHORD_TIMEOUT_SECONDS}",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     try:
@@ -88,11 +95,11 @@ def test_application_queues_are_quorum_queues_with_a_delivery_limit_and_a_dead_l
     ], policy
 
 
-def test_a_countdown_beyond_the_consumer_timeout_waits_in_rabbitmq_and_runs_once(short_timeout: Cluster):
+def test_a_countdown_beyond_the_consumer_timeout_waits_in_rabbitmq_and_runs_once(short_timeouts: Cluster):
     """The task waits in Celery's delay queues, not unacknowledged in a worker, so RabbitMQ's
     consumer timeout never closes the worker's channel (which, with classic queues, made the
     worker exit and run its tasks again, every timeout)."""
-    cluster = short_timeout
+    cluster = short_timeouts
     web, rabbitmq = cluster.one("web"), cluster.one("rabbitmq")
     before = worker_process(cluster)
     task_id = submit(web, countdown=COUNTDOWN_SECONDS)
@@ -109,6 +116,48 @@ def test_a_countdown_beyond_the_consumer_timeout_waits_in_rabbitmq_and_runs_once
     )
 
 
+#: What a chord refused halfway leaves (run with the worker's environment; argv[1] is the
+#: callback's id): Celery publishes the unlock first, and the header is never sent.
+HALF_SENT_CHORD = """
+import sys
+from celery.result import AsyncResult, GroupResult
+from stack_celery import app
+callback = sys.argv[1]
+header = GroupResult(callback + "-header", [AsyncResult(callback + "-0", app=app)], app=app)
+app.backend.fallback_chord_unlock(header, app.signature("stackapp.total").set(task_id=callback))
+"""
+
+
+def test_a_chord_whose_header_was_never_sent_fails_after_the_chord_timeout(short_timeouts: Cluster):
+    """Celery's chord_unlock polls the header's results every second, with no limit by default,
+    so a chord refused halfway (seen: 21 unlocks polling after a 10 s memory alarm, before the
+    reference API sent chords from a task) polled for ever. With celery_chord_timeout_seconds
+    it stops after that long, the chord's callback is marked failed, and RabbitMQ holds no
+    message of it."""
+    cluster = short_timeouts
+    worker, web, rabbitmq = cluster.one("workers"), cluster.one("web"), cluster.one("rabbitmq")
+    script = base64.b64encode(HALF_SENT_CHORD.encode()).decode()
+    worker.exec(f"echo {script} | base64 -d > /tmp/half_sent_chord.py && chmod 644 /tmp/half_sent_chord.py")
+    callback = f"half-sent-{uuid.uuid4()}"
+    started = time.monotonic()
+    as_the_worker(worker, f"/opt/{APP}/venv/bin/python /tmp/half_sent_chord.py {callback}")
+    result = task_result(web, callback, timeout=CHORD_TIMEOUT_SECONDS + 60)
+    waited = time.monotonic() - started
+    assert result["state"] == "FAILURE" and "chord_unlock" in str(result["result"]), result
+    assert waited >= CHORD_TIMEOUT_SECONDS, f"the chord failed after {waited:.1f}s, before its timeout"
+
+    def drained() -> bool:
+        listed = queues(rabbitmq)
+        waiting = [name for name in listed if name == "celery" or name.startswith("celery_delayed_")]
+        return all(listed[name]["messages"] == 0 for name in waiting)
+
+    wait_until(drained, timeout=30, interval=1)
+    REPORT.append(
+        f"a chord whose header was never sent, with a {CHORD_TIMEOUT_SECONDS}s chord timeout: its callback "
+        f"failed after {waited:.1f}s and its unlock stopped"
+    )
+
+
 def dead_lettered(cluster: Cluster) -> int:
     """Messages in the dead-letters queue, read with an AMQP client (a passive declare)."""
     with amqp(cluster) as connection:
@@ -116,9 +165,9 @@ def dead_lettered(cluster: Cluster) -> int:
 
 
 def test_a_poison_task_is_dead_lettered_after_the_delivery_limit_alerted_and_replayed_once_fixed(
-    short_timeout: Cluster,
+    short_timeouts: Cluster,
 ):
-    cluster = short_timeout
+    cluster = short_timeouts
     web, worker = cluster.one("web"), cluster.one("workers")
     limit = Settings().rabbitmq_delivery_limit
     fix = f"/opt/{APP}/poison-fixed-{uuid.uuid4().hex}"

@@ -45,6 +45,8 @@ ROLE = os.environ.get("STACK_CELERY_ROLE", "web")
 VISIBILITY_TIMEOUT = int(os.environ.get("STACK_VISIBILITY_TIMEOUT", "7200"))
 #: How long beat and the workers keep retrying a publish to an unreachable broker.
 PUBLISH_RETRY_SECONDS = float(os.environ.get("STACK_PUBLISH_RETRY_SECONDS", "600"))
+#: With a database result backend: how long a chord's unlock polls for its header (0: for ever).
+CHORD_TIMEOUT_SECONDS = float(os.environ.get("STACK_CHORD_TIMEOUT_SECONDS", "0"))
 #: "quorum" or "classic": the type of the application's queues on RabbitMQ.
 QUEUE_TYPE = os.environ.get("STACK_QUEUE_TYPE", "classic")
 #: What an application on classic queues lacks, for the warning.
@@ -169,6 +171,19 @@ def transport_options() -> dict:
     return {**(app.conf.broker_transport_options or {}), **ours}
 
 
+def bound_chord_unlock(sender: celery.Celery, **_) -> None:
+    """Give Celery's ``chord_unlock`` a number of retries that lasts CHORD_TIMEOUT_SECONDS.
+
+    With a database result backend, a chord's unlock task checks every
+    ``result_chord_retry_interval`` seconds whether its header's tasks are done, with no limit:
+    a chord whose header was never published (Celery publishes the unlock first, and the API
+    fails fast) would poll for ever. Past the limit the unlock stops, and Celery (5.6 and later)
+    marks the chord's callback failed. A chord given ``max_retries`` by its caller keeps it."""
+    if CHORD_TIMEOUT_SECONDS > 0:
+        interval = sender.conf.result_chord_retry_interval or 1.0
+        sender.tasks["celery.chord_unlock"].max_retries = math.ceil(CHORD_TIMEOUT_SECONDS / interval)
+
+
 def redis_broker() -> bool:
     return os.environ.get("STACK_CELERY_BROKER") == "redis"
 
@@ -188,6 +203,11 @@ def apply(role: str) -> None:
     if role == "web" and not redis_broker():
         app.conf.broker_transport = f"{__name__}:FailFastTransport"
     if role == "worker":
+        # The unlock retries in the worker, which reads its max_retries there.
+        if app.finalized:
+            bound_chord_unlock(app)
+        else:
+            app.on_after_finalize.connect(bound_chord_unlock, weak=False)
         app.conf.update(
             WORKER,
             result_backend_transport_options={

@@ -15,6 +15,7 @@ import time
 from typing import Literal
 
 from celery.result import AsyncResult
+from celery.utils import uuid
 from fastapi import FastAPI, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from pydantic import BaseModel, Field
@@ -23,7 +24,7 @@ from sqlalchemy import text
 from stackapp import executions
 from stackapp.celery_app import app as celery
 from stackapp.release import RELEASE
-from stackapp.tasks import compute, workflow
+from stackapp.tasks import compute, publish_chord, workflow
 
 # The API must answer, not wait: a read tries the result database twice more while it
 # restarts, then the API answers 503. (Workers, which must store every result, retry for ever:
@@ -95,13 +96,19 @@ def submit(task: TaskRequest) -> dict:
 
 @app.post("/workflows", status_code=202)
 def submit_workflow(request: WorkflowRequest) -> dict:
-    """A chain or a chord; the id is its last task's, whose result is the workflow's."""
+    """A chain or a chord; the id is its last task's, whose result is the workflow's. Either
+    is one publish: a chain travels in its first task's message, and a chord is published by
+    a task (tasks.publish_chord says why)."""
     try:
-        result = workflow(request.shape, request.n).apply_async()
+        if request.shape == "chord":
+            workflow_id = uuid()
+            publish_chord.delay(request.n, workflow_id)
+        else:
+            workflow_id = workflow(request.shape, request.n).apply_async().id
     except Exception as error:  # the broker is unreachable after the publish retries
         raise unavailable("broker", error) from None
     TASKS_SUBMITTED.inc()
-    return {"id": result.id}
+    return {"id": workflow_id}
 
 
 @app.get("/tasks/{task_id}")

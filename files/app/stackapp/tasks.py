@@ -12,6 +12,7 @@ import socket
 import time
 
 from celery import chain, chord
+from celery.utils import uuid
 
 from stackapp import executions
 from stackapp.celery_app import app
@@ -59,9 +60,29 @@ def total(self, results: list[dict]) -> dict:
     return {"answer": answer, "parts": len(results)}
 
 
-def workflow(shape: str, n: int):
+def workflow(shape: str, n: int, workflow_id: str | None = None):
     """A canvas of compute(n) tasks whose last task answers ``expected(shape, n)``: a chain of
-    two (the second runs once the first succeeded) or a chord of three and their total."""
+    two (the second runs once the first succeeded) or a chord of three and their total.
+
+    A chord's ids all derive from ``workflow_id`` (its callback's id): published again (a
+    publishing task run twice), it is the same chord, whose callback may run twice, not a
+    second chord beside a first one that waits for ever."""
     if shape == "chain":
         return chain(compute.si(n), compute.si(n))
-    return chord([compute.si(n) for _ in range(CHORD_SIZE)], total.s())
+    workflow_id = workflow_id or uuid()
+    header = [compute.si(n).set(task_id=f"{workflow_id}-{i}") for i in range(CHORD_SIZE)]
+    return chord(header, total.s()).set(task_id=f"{workflow_id}-header")
+
+
+@app.task(name="stackapp.publish_chord")
+def publish_chord(n: int, workflow_id: str) -> str:
+    """Publish workflow("chord", n) with its callback's id ``workflow_id``, from a worker.
+
+    Why not from the API: with a database result backend, Celery publishes a chord's
+    ``chord_unlock`` (which polls the header's results every second until all are ready)
+    before the header's tasks. The API fails fast while RabbitMQ blocks publishers, so a chord
+    refused halfway left an unlock polling for ever for tasks that were never sent (seen on
+    the bench: 21 of them after a 10 s memory alarm). The API's one publish happens or not; a
+    worker's publishes wait for the broker, and run again they publish the same ids."""
+    workflow("chord", n, workflow_id).apply_async(task_id=workflow_id)
+    return workflow_id
