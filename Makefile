@@ -26,10 +26,9 @@ check: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## test: the checks above, the whole suite on Debian 13 (every topology in containers), then the core run on Debian 12
+## test: the checks above, then in two streams at once (tests/bench/streams.py): the fault suite on Debian 13 followed by the core run on Debian 12, and every other test on Debian 13
 test: check setup
-	$(BIN)/pytest $(PYTEST_ARGS) || $(NO_TESTS)
-	$(MAKE) --no-print-directory test-core
+	PYTHONPATH=tests:. CORE_DEBIAN=$(CORE_DEBIAN) $(BIN)/python -m bench.streams $(PYTEST_ARGS)
 
 ## test-core: the core run (tests marked core, all-in-one and fault hosts) on Debian 12
 test-core: check setup
