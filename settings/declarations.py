@@ -258,7 +258,8 @@ class Settings:
         "With the PostgreSQL result backend, how long a chord waits for its header's tasks before it fails. "
         "Celery's chord_unlock polls their results every second, for ever by default, so a chord whose "
         "publishing failed halfway (the API answers 503 while RabbitMQ blocks publishers) would poll for "
-        "ever for tasks never sent. 0: no limit.",
+        "ever for tasks never sent. 0: no limit. (Celery 5.7 then fails the chord's callback; an older one "
+        "leaves it pending.)",
         checks.zero_or_positive,
     )
     beat_heartbeat_seconds: float = setting(

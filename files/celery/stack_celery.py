@@ -177,7 +177,7 @@ def bound_chord_unlock(sender: celery.Celery, **_) -> None:
     With a database result backend, a chord's unlock task checks every
     ``result_chord_retry_interval`` seconds whether its header's tasks are done, with no limit:
     a chord whose header was never published (Celery publishes the unlock first, and the API
-    fails fast) would poll for ever. Past the limit the unlock stops, and Celery (5.6 and later)
+    fails fast) would poll for ever. Past the limit the unlock stops, and Celery 5.7 and later
     marks the chord's callback failed. A chord given ``max_retries`` by its caller keeps it."""
     if CHORD_TIMEOUT_SECONDS > 0:
         interval = sender.conf.result_chord_retry_interval or 1.0
