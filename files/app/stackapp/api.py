@@ -113,8 +113,11 @@ def submit_workflow(request: WorkflowRequest) -> dict:
 
 @app.get("/tasks/{task_id}")
 def status(task_id: str) -> dict:
-    result = AsyncResult(task_id, app=celery)
     try:
+        # Inside the try: Celery makes a result backend per thread, and the database backend
+        # connects at once to create its tables, so a request thread's first read fails here
+        # while PostgreSQL is down (seen: a 500 instead of the 503).
+        result = AsyncResult(task_id, app=celery)
         state = result.state
         value = result.result if result.ready() else None
         runs = executions.count(task_id)
