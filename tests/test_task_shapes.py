@@ -24,6 +24,7 @@ import requests
 
 from bench import Cluster, Host, wait_until
 from clients import APP, REPORT, amqp, as_the_worker, task_result, web_url
+from faults.harness import waiting_messages
 from settings.declarations import Settings
 from tasks.rabbitmq import DEAD_LETTERS, POLICY
 
@@ -135,7 +136,7 @@ def test_a_chord_whose_header_was_never_sent_fails_after_the_chord_timeout(short
     it stops after that long, the chord's callback is marked failed, and RabbitMQ holds no
     message of it."""
     cluster = short_timeouts
-    worker, web, rabbitmq = cluster.one("workers"), cluster.one("web"), cluster.one("rabbitmq")
+    worker, web = cluster.one("workers"), cluster.one("web")
     script = base64.b64encode(HALF_SENT_CHORD.encode()).decode()
     worker.exec(f"echo {script} | base64 -d > /tmp/half_sent_chord.py && chmod 644 /tmp/half_sent_chord.py")
     callback = f"half-sent-{uuid.uuid4()}"
@@ -146,12 +147,7 @@ def test_a_chord_whose_header_was_never_sent_fails_after_the_chord_timeout(short
     assert result["state"] == "FAILURE" and "chord_unlock" in str(result["result"]), result
     assert waited >= CHORD_TIMEOUT_SECONDS, f"the chord failed after {waited:.1f}s, before its timeout"
 
-    def drained() -> bool:
-        listed = queues(rabbitmq)
-        waiting = [name for name in listed if name == "celery" or name.startswith("celery_delayed_")]
-        return all(listed[name]["messages"] == 0 for name in waiting)
-
-    wait_until(drained, timeout=30, interval=1)
+    wait_until(lambda: sum(waiting_messages(cluster).values()) == 0, timeout=30, interval=1)
     REPORT.append(
         f"a chord whose header was never sent, with a {CHORD_TIMEOUT_SECONDS}s chord timeout: its callback "
         f"failed after {waited:.1f}s and its unlock stopped"
