@@ -2,7 +2,8 @@
 Broker and result backend are choices. On the split topology (hosts shared: the deployment is
 switched in place, which is also the switch users make), every combination carries tasks end
 to end; with Redis as broker, tasks queued while no worker runs survive a restart and a kill -9
-of redis-server. The last step switches back to the defaults for the tests that follow.
+of redis-server, and the fault suite's batch (tests/faults/harness.py) survives the faults that
+concern Redis as a broker. The last step switches back to the defaults for the tests that follow.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import pytest
 import requests
 
-from bench import Cluster
+from bench import Cluster, Host
 from clients import (
     APP,
     REDIS_BROKER_DB,
@@ -26,6 +27,7 @@ from clients import (
     task_result,
     wait_until,
 )
+from faults.harness import TICK_SECONDS, Outcome, rows_of_tasks, run_fault, running_executions
 
 pytestmark = [pytest.mark.bench, pytest.mark.parametrize("deployed", ["split"], indirect=True)]
 
@@ -38,8 +40,9 @@ def queued_task_ids(cluster: Cluster) -> set[str]:
     return {json.loads(message)["headers"]["id"] for message in messages}
 
 
-def switch(cluster: Cluster, broker: str, backend: str):
-    run = cluster.deploy("--data", f"celery_broker={broker}", "--data", f"celery_result_backend={backend}")
+def switch(cluster: Cluster, broker: str, backend: str, **settings: str):
+    data = {"celery_broker": broker, "celery_result_backend": backend, **settings}
+    run = cluster.deploy(*(argument for name, value in data.items() for argument in ("--data", f"{name}={value}")))
     assert run.returncode == 0, run.stderr[-6000:]
     return run
 
@@ -113,6 +116,117 @@ def test_tasks_queued_in_redis_survive_redis_restart_and_crash(deployed: Cluster
     for n, task_id in zip(range(100, 150), ids, strict=True):
         body = task_result(web, task_id, timeout=120)
         assert body["state"] == "SUCCESS" and body["result"]["answer"] == expected_answer(n), body
+
+
+#: The Redis fault rows' visibility timeout: short, so that a task taken by a worker that died
+#: comes back within the test (the longest task is lowered under it, as the settings require).
+VISIBILITY_TIMEOUT_SECONDS = 20
+#: How soon after its visibility timeout such a task must be back: a worker looks every 10 s.
+RESTORE_SECONDS = 10 + 5
+
+
+def worker_main_pid(host: Host) -> int:
+    return int(host.exec(f"systemctl show --property MainPID --value {APP}-worker.service").strip())
+
+
+def kill_the_worker(cluster: Cluster, seen: dict):
+    """kill -9 of the worker's main process (its pool dies with it) while long tasks run."""
+    worker = cluster.one("workers")
+    seen["running"] = running_executions(cluster, seen["batch"].ids(long_only=True))
+    pid = worker_main_pid(worker)
+    seen["at"] = time.time()
+    worker.exec(f"kill -9 {pid}")
+    return [f"killed the worker's main process {pid} while it ran {len(seen['running'])} long tasks"]
+
+
+def stop_the_worker(cluster: Cluster, seen: dict):
+    """A warm stop: returns once the running tasks have ended; then a start."""
+    worker = cluster.one("workers")
+    seen["running"] = running_executions(cluster, seen["batch"].ids())
+    worker.exec(f"systemctl stop {APP}-worker.service")
+    seen["unfinished"] = running_executions(cluster, {task_id for task_id, _, _ in seen["running"]})
+    worker.exec(f"systemctl start {APP}-worker.service")
+    return [f"{len(seen['running'])} tasks running at the stop, {len(seen['unfinished'])} left unfinished"]
+
+
+def restart_redis(cluster: Cluster, seen: dict):
+    seen["running"] = running_executions(cluster, seen["batch"].ids())
+    cluster.one("redis").exec("systemctl restart redis-server.service")
+    return [f"{len(seen['running'])} tasks running at the restart"]
+
+
+def kill_redis(cluster: Cluster, seen: dict):
+    seen["running"] = running_executions(cluster, seen["batch"].ids())
+    cluster.one("redis").exec("pkill -9 -x redis-server")
+    return [f"{len(seen['running'])} tasks running at the kill -9"]
+
+
+def starts(cluster: Cluster, task_ids) -> dict[str, list[float]]:
+    """Task id → when each of its runs started (epoch seconds, oldest first)."""
+    sql = (
+        "SELECT task_id, extract(epoch FROM started_at) FROM stackapp_executions WHERE task_id IN ({ids}) "
+        "ORDER BY started_at"
+    )
+    found: dict[str, list[float]] = {}
+    for task_id, started in rows_of_tasks(cluster, sql, task_ids):
+        found.setdefault(task_id, []).append(float(started))
+    return found
+
+
+def assert_killed_tasks_came_back_after_the_visibility_timeout(cluster: Cluster, outcome: Outcome, seen: dict):
+    """Each task the dead worker ran waited in Redis (delivered, never acknowledged) for the
+    visibility timeout, then ran again, to the end: twice in all, the second run starting
+    between the timeout and RESTORE_SECONDS after it."""
+    killed = {task_id for task_id, _, _ in seen["running"]}
+    assert killed, "no task was running when the worker died: the row proves nothing"
+    for task_id, runs in starts(cluster, killed).items():
+        assert len(runs) == 2, f"{task_id} started {len(runs)} times: {outcome.row()}"
+        back = runs[1] - seen["at"]
+        REPORT.append(
+            f"Redis broker: a task whose worker died ran again {back:.1f}s after (visibility timeout "
+            f"{VISIBILITY_TIMEOUT_SECONDS}s)"
+        )
+        assert VISIBILITY_TIMEOUT_SECONDS <= back <= VISIBILITY_TIMEOUT_SECONDS + RESTORE_SECONDS, (
+            f"{task_id} ran again {back:.1f}s after the worker died (visibility timeout {VISIBILITY_TIMEOUT_SECONDS}s)"
+        )
+
+
+REDIS_FAULTS = {
+    "kill -9 of the worker mid-task": kill_the_worker,
+    "systemctl stop of the worker (warm shutdown), then start": stop_the_worker,
+    "systemctl restart redis-server": restart_redis,
+    "kill -9 of redis-server": kill_redis,
+}
+
+
+@pytest.mark.parametrize("fault", REDIS_FAULTS)
+def test_the_fault_suites_batch_survives_the_faults_of_redis_as_a_broker(deployed: Cluster, fault: str):
+    """The fault suite's batch (children, countdowns, chains, chords) with Redis as broker and
+    PostgreSQL results: 0 lost. A task whose worker died comes back after the visibility
+    timeout, as docs/deploy.md says; a warm stop leaves no task unfinished and runs none twice;
+    Redis restarted or killed with tasks queued and running loses none (AOF)."""
+    switch(
+        deployed,
+        "redis",
+        "postgresql",
+        redis_visibility_timeout_seconds=str(VISIBILITY_TIMEOUT_SECONDS),
+        celery_longest_task_seconds=str(VISIBILITY_TIMEOUT_SECONDS // 2),
+        app_environment=json.dumps({"STACKAPP_TICK_SECONDS": str(TICK_SECONDS)}),
+    )
+    seen: dict = {}
+
+    def inject(batch):
+        seen["batch"] = batch
+        return REDIS_FAULTS[fault](deployed, seen)
+
+    outcome = run_fault(deployed, f"Redis broker: {fault}", inject, broker="redis")
+    assert outcome.lost == [], outcome.notes
+    if fault.startswith("kill -9 of the worker"):
+        assert_killed_tasks_came_back_after_the_visibility_timeout(deployed, outcome, seen)
+    if fault.startswith("systemctl stop"):
+        assert seen["running"], "no task was running at the stop: the row proves nothing"
+        assert seen["unfinished"] == [], "the stop killed running tasks"
+        assert outcome.duplicates == 0, outcome.row()
 
 
 def test_switching_back_to_the_defaults(deployed: Cluster):

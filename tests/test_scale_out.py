@@ -5,6 +5,8 @@ queue; beat runs on exactly one of them; the monitoring host sits beside the dat
 and every host runs the firewall. Requests through the front are served by both web hosts,
 tasks are executed by both worker hosts, taking a web host out of service fails no request
 through the front, and Prometheus scrapes every target of every host through the firewalls.
+A task longer than the time limit the deploy used to impose runs to its end, once, while the
+other tests run.
 """
 
 from __future__ import annotations
@@ -16,18 +18,37 @@ import requests
 
 from bench import Cluster
 from bench.topologies import TOPOLOGIES
-from clients import RequestLoop, check_task_end_to_end, expected_answer, prometheus_api, task_result, wait_until
+from clients import (
+    RequestLoop,
+    check_task_end_to_end,
+    expected_answer,
+    prometheus_api,
+    psql_from,
+    submit_task,
+    task_result,
+    wait_until,
+)
 
 pytestmark = pytest.mark.bench
 
 FRONT_PORT = 80
 APP = "stackapp"
+#: How long the long task runs: more than the 300 s hard time limit the deploy once imposed
+#: (celery_longest_task_seconds' default), which killed such a task and marked it FAILURE.
+LONG_TASK_SECONDS = 310
 
 
 @pytest.fixture(scope="module")
 def scaled(converge) -> Cluster:
     with converge("scale-out", TOPOLOGIES["scale-out"]) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def long_task(scaled: Cluster) -> tuple[str, float]:
+    """A task of LONG_TASK_SECONDS, submitted before the module's first test (the wait is
+    theirs) and checked by its last; its id and when it was submitted."""
+    return submit_task(scaled.one("web"), n=4321, sleep=LONG_TASK_SECONDS), time.monotonic()
 
 
 def front_url(cluster: Cluster, path: str) -> str:
@@ -162,3 +183,20 @@ def test_a_broken_nginx_configuration_stops_the_deploy_and_the_front_keeps_servi
         front.exec("rm -f /etc/nginx/conf.d/zz-broken.conf")
     fixed = scaled.deploy()
     assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
+def test_a_task_longer_than_the_old_300s_limit_runs_to_its_end_once(scaled: Cluster, long_task: tuple[str, float]):
+    """With the default settings nothing stops a long task: it succeeds with its answer after
+    LONG_TASK_SECONDS, and ran once (no limit killed it, no timeout of the broker handed it to
+    another worker). The broker's consumer timeout (1 h) is the ceiling the settings check."""
+    task_id, submitted = long_task
+    remaining = LONG_TASK_SECONDS - (time.monotonic() - submitted)
+    body = task_result(scaled.one("web"), task_id, timeout=remaining + 120)
+    assert body["state"] == "SUCCESS" and body["result"]["answer"] == expected_answer(4321), body
+    assert body["executions"] == 1, body
+    ran = psql_from(
+        scaled.one("workers"),
+        scaled,
+        f"SELECT extract(epoch FROM finished_at - started_at) FROM stackapp_executions WHERE task_id = '{task_id}'",
+    )
+    assert float(ran) >= LONG_TASK_SECONDS, f"the task ran {ran}s"

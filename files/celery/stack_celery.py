@@ -163,11 +163,19 @@ def queue_settings() -> dict:
     return QUORUM
 
 
+#: With Redis: a worker looks for tasks past their visibility timeout every 10 s (kombu's
+#: unacked_restore_interval) and, with a throttle of 1, searches Redis every time; kombu's
+#: default throttle (10, kombu 5.7) searches every tenth time, so a task taken by a worker that
+#: died came back up to 100 s after its timeout (read in kombu 5.7's Redis transport). A kombu
+#: without the option never reads it (a channel reads only the options its transport lists).
+REDIS_RESTORE = {"unacked_restore_throttle": 1}
+
+
 def transport_options() -> dict:
     """Broker transport options merged over the application's: publisher confirms with
     RabbitMQ (a publish returns once the broker has the message); with Redis, the visibility
-    timeout after which an unacknowledged task goes to another worker."""
-    ours = {"visibility_timeout": VISIBILITY_TIMEOUT} if redis_broker() else {"confirm_publish": True}
+    timeout after which an unacknowledged task goes to another worker, and how soon after it."""
+    ours = {"visibility_timeout": VISIBILITY_TIMEOUT, **REDIS_RESTORE} if redis_broker() else {"confirm_publish": True}
     return {**(app.conf.broker_transport_options or {}), **ours}
 
 
@@ -202,6 +210,13 @@ def apply(role: str) -> None:
     )
     if role == "web" and not redis_broker():
         app.conf.broker_transport = f"{__name__}:FailFastTransport"
+    if role != "worker":
+        # With a database result store, Celery makes a backend per thread, and its constructor
+        # connects to create the tables: while PostgreSQL was down, a web thread's first
+        # submission failed (503), although publishing needs only the broker (seen in the fault
+        # suite). Without it, the tables are made at the first query that needs them; the
+        # workers make them at start.
+        app.conf.database_create_tables_at_setup = False
     if role == "worker":
         # The unlock retries in the worker, which reads its max_retries there.
         if app.finalized:

@@ -11,6 +11,13 @@ once its parent succeeded, and a parent that succeeded without its child counts 
 are submitted with a countdown, so the fault also lands on tasks waiting in RabbitMQ's delay
 queues; some are workflows (a chain of two tasks, a chord of three and their total), followed
 by their last task, whose answer depends on every task before it.
+
+Beat sends a tick (stackapp.tick) every TICK_SECONDS: each fault's row counts the ticks sent
+around it, the slots they missed and the slots run twice.
+
+Throughout the fault, a second client submits a short task every SUBMIT_INTERVAL seconds: the
+longest time the API accepted no task is the outage a client sees (what it needs is to submit,
+not a page), and its tasks are accounted for as the batch's are.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import requests
 
 from bench import Cluster, wait_until
-from clients import MANAGED_UNITS, RequestLoop, expected_answer, psql_from, web_url
+from clients import MANAGED_UNITS, REDIS_BROKER_DB, expected_answer, psql_from, redis_client, web_url
 
 #: Tasks in a chord's header (stackapp.tasks.CHORD_SIZE): its total is that many answers.
 CHORD_SIZE = 3
@@ -38,6 +46,10 @@ RECOVERY_TIMEOUT = 180
 RESULTS_TIMEOUT = 300
 #: The countdown of a batch's countdown tasks.
 COUNTDOWN_SECONDS = 5.0
+#: How often the submission loop posts a task: the resolution of the measured outage.
+SUBMIT_INTERVAL = 0.25
+#: The tick's interval on the fault suite's hosts (STACKAPP_TICK_SECONDS, tests/faults).
+TICK_SECONDS = 5.0
 
 
 @dataclass
@@ -52,9 +64,15 @@ class Outcome:
     shapes: dict[str, tuple[int, int]]
     duplicates: int
     executions: dict[str, int]
+    #: The tick's runs sent from the batch's start until the queues drained, with the slots
+    #: they missed and those run twice (Ticks says how each is counted).
+    periodic: Ticks
     recovery_seconds: float
+    #: Submissions the API refused (503, or no connection), the batch's and the loop's.
     refused: int
+    #: Longest time the API accepted no task (POST /tasks), from the loop's submissions.
     longest_outage: float
+    #: Slowest answer of the API to a submission (a refusal included).
     slowest_answer: float
     notes: list[str] = field(default_factory=list)
 
@@ -62,7 +80,7 @@ class Outcome:
         return (
             f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | "
             + " | ".join(f"{count} ({lost})" for count, lost in (self.shapes[shape] for shape in SHAPES))
-            + f" | {self.duplicates} "
+            + f" | {self.duplicates} | {self.periodic} "
             f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
         )
 
@@ -71,10 +89,72 @@ def table(outcomes: list[Outcome]) -> str:
     """The outcomes as the Markdown table docs/survival.md shows."""
     header = (
         "| fault | tasks submitted | succeeded | lost | children (lost) | countdowns (lost) | chains (lost) "
-        "| chords (lost) | duplicate runs | recovery (s) | refused by the API (retried) | longest API outage (s) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| chords (lost) | duplicate runs | periodic runs (missed slots, doubled) | recovery (s) "
+        "| refused by the API (retried) | longest POST /tasks outage (s) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     return "\n".join([header, *(outcome.row() for outcome in outcomes)])
+
+
+@dataclass
+class Ticks:
+    """The tick's runs sent within a fault's window (epoch seconds, as beat sent them), and the
+    last one before the window, so that a gap across the window's start is seen."""
+
+    before: list[float]
+    within: list[float]
+    #: When the stack was healthy again (epoch seconds).
+    recovered: float
+
+    def gaps(self) -> list[tuple[float, float]]:
+        return list(pairwise([*self.before, *self.within]))
+
+    @property
+    def runs(self) -> int:
+        return len(self.within)
+
+    @property
+    def missed(self) -> int:
+        """Slots no run was sent for: a gap of two intervals (a tenth spared) missed one."""
+        return sum(max(0, int((later - earlier) / TICK_SECONDS + 0.1) - 1) for earlier, later in self.gaps())
+
+    @property
+    def doubled(self) -> int:
+        """Runs sent less than half an interval after the previous one: a slot run twice."""
+        return sum(1 for earlier, later in self.gaps() if later - earlier < TICK_SECONDS / 2)
+
+    def missed_after_recovery(self) -> list[float]:
+        """Gaps of an interval and a half or more that began once the stack had recovered."""
+        return [
+            later - earlier
+            for earlier, later in self.gaps()
+            if earlier >= self.recovered and later - earlier >= 1.5 * TICK_SECONDS
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.runs} ({self.missed}, {self.doubled})"
+
+
+#: Tick task id → when beat sent it, as the API reports it (read once per task).
+SENT_TICKS: dict[str, float] = {}
+
+
+def ticks_sent(cluster: Cluster) -> list[float]:
+    """When beat sent each tick that has run (epoch seconds, oldest first)."""
+    sql = "SELECT task_id FROM celery_taskmeta WHERE name IN ({ids}) AND status = 'SUCCESS'"
+    ids = [task_id for (task_id,) in rows_of_tasks(cluster, sql, ["stackapp.tick"])]
+    for task_id in ids:
+        if task_id not in SENT_TICKS:
+            response = requests.get(web_url(cluster.by_group("web")[0], f"/tasks/{task_id}"), timeout=10)
+            SENT_TICKS[task_id] = response.json()["result"]["sent"]
+    return sorted(SENT_TICKS[task_id] for task_id in ids)
+
+
+def ticks_between(cluster: Cluster, start: float, end: float, recovered: float) -> Ticks:
+    """The ticks sent from ``start`` to ``end`` (epoch seconds), and the last one before."""
+    sent = ticks_sent(cluster)
+    before = [moment for moment in sent if moment < start][-1:]
+    return Ticks(before, [moment for moment in sent if start <= moment <= end], recovered)
 
 
 class Batch:
@@ -175,6 +255,56 @@ class Batch:
             time.sleep(0.5)
 
 
+class SubmissionLoop:
+    """One client posting a short task (POST /tasks) every SUBMIT_INTERVAL seconds, to the web
+    hosts in turn, until stopped. It does not resubmit what the API refused: its next
+    submission is that retry. ``answers`` holds the accepted tasks (id → the answer it must
+    give), ``accepted_at`` when each 202 arrived."""
+
+    def __init__(self, cluster: Cluster):
+        self.webs = cluster.by_group("web")
+        self.answers: dict[str, int] = {}
+        self.accepted_at: list[float] = []
+        self.refused = 0
+        self.slowest_answer = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SubmissionLoop:
+        self.started_at = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.stopped_at = time.monotonic()
+
+    def longest_outage(self) -> float:
+        """Longest time between two accepted submissions (or from the start, or until the end)."""
+        moments = [self.started_at, *self.accepted_at, self.stopped_at]
+        return max(later - earlier for earlier, later in pairwise(moments))
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            asked = time.monotonic()
+            try:
+                response = requests.post(web_url(self.webs[n % len(self.webs)], "/tasks"), json={"n": n}, timeout=15)
+                accepted = response.status_code == 202
+            except requests.RequestException:
+                accepted = False
+            answered = time.monotonic()
+            self.slowest_answer = max(self.slowest_answer, answered - asked)
+            if accepted:
+                self.answers[response.json()["id"]] = expected_answer(n)
+                self.accepted_at.append(answered)
+            else:
+                self.refused += 1
+            self.stop.wait(max(0.0, SUBMIT_INTERVAL - (answered - asked)))
+
+
 def rows_of_tasks(cluster: Cluster, sql: str, task_ids) -> list[list[str]]:
     """Rows (as lists of strings) of ``sql``, whose ``{ids}`` is replaced by the quoted
     ``task_ids``, read with psql from an application host; none for no ids."""
@@ -196,17 +326,18 @@ def running_executions(cluster: Cluster, task_ids: set[str]) -> list[tuple[str, 
     return [(task_id, host, int(pid)) for task_id, host, pid in rows]
 
 
-def healthy(cluster: Cluster) -> bool:
-    """Every managed unit active on its hosts, every web host's /healthz answering 200, and
-    every worker host consuming the task queue (a worker that is alive but no longer
-    consumes after a broker restart is a known Celery failure: this catches it)."""
+def healthy(cluster: Cluster, broker: str = "rabbitmq") -> bool:
+    """Every managed unit active on its hosts, every web host's /healthz answering 200, and,
+    with RabbitMQ, every worker host consuming the task queue (a worker that is alive but no
+    longer consumes after a broker restart is a known Celery failure: this catches it; a Redis
+    queue has no consumers to count)."""
     try:
         if not cluster.active(MANAGED_UNITS):
             return False
         for web in cluster.by_group("web"):
             if requests.get(web_url(web, "/healthz"), timeout=5).status_code != 200:
                 return False
-        return queue_state(cluster)["consumers"] >= len(cluster.by_group("workers"))
+        return broker == "redis" or queue_state(cluster)["consumers"] >= len(cluster.by_group("workers"))
     except Exception:  # a host rebooting, a service starting
         return False
 
@@ -223,8 +354,15 @@ def queue_state(cluster: Cluster, queue: str = "celery") -> dict:
     raise AssertionError(f"no queue {queue} in {output}")
 
 
-def waiting_messages(cluster: Cluster) -> dict[str, int]:
-    """Messages, ready or unacknowledged, in the task queue and in Celery's delay queues."""
+def waiting_messages(cluster: Cluster, broker: str = "rabbitmq") -> dict[str, int]:
+    """Messages, ready or unacknowledged, in the task queue and in Celery's delay queues; with
+    Redis, in the task queue's lists (one per priority) and in the hash of messages delivered
+    and not acknowledged (kombu's ``unacked``, where a task taken by a worker that died waits
+    for the visibility timeout)."""
+    if broker == "redis":
+        client = redis_client(cluster, db=REDIS_BROKER_DB)
+        lists = {key.decode(): client.llen(key) for key in client.scan_iter(match="celery*", _type="list")}
+        return {**lists, "unacked": client.hlen("unacked")}
     output = cluster.one("rabbitmq").exec(
         "rabbitmqctl --quiet list_queues --vhost celery name messages --formatter json"
     )
@@ -235,19 +373,23 @@ def waiting_messages(cluster: Cluster) -> dict[str, int]:
     }
 
 
-def wait_drained(cluster: Cluster, timeout: float = 60) -> None:
+def wait_drained(cluster: Cluster, broker: str = "rabbitmq", timeout: float = 60) -> None:
     """Until the task queue and the delay queues hold no message: a duplicate still queued (a
     requeued copy of a task that already succeeded) is counted, not missed."""
     try:
-        wait_until(lambda: sum(waiting_messages(cluster).values()) == 0, timeout=timeout, interval=0.5)
+        wait_until(lambda: sum(waiting_messages(cluster, broker).values()) == 0, timeout=timeout, interval=0.5)
     except AssertionError:
-        raise AssertionError(f"the queues did not drain within {timeout}s: {waiting_messages(cluster)}") from None
+        raise AssertionError(
+            f"the queues did not drain within {timeout}s: {waiting_messages(cluster, broker)}"
+        ) from None
 
 
-def wait_healthy(cluster: Cluster, since: float) -> float:
+def wait_healthy(cluster: Cluster, since: float, broker: str = "rabbitmq") -> float:
     """Seconds from ``since`` until the stack is healthy; fails after RECOVERY_TIMEOUT."""
     try:
-        wait_until(lambda: healthy(cluster), timeout=RECOVERY_TIMEOUT - (time.monotonic() - since), interval=0.25)
+        wait_until(
+            lambda: healthy(cluster, broker), timeout=RECOVERY_TIMEOUT - (time.monotonic() - since), interval=0.25
+        )
     except AssertionError:
         raise AssertionError(f"the stack was not healthy {RECOVERY_TIMEOUT}s after the fault") from None
     return time.monotonic() - since
@@ -303,31 +445,36 @@ def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
     return {task_id: int(count) for task_id, count in rows_of_tasks(cluster, sql, task_ids)}
 
 
-def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
+def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **batch_options) -> Outcome:
     """Submit a batch, call ``inject()`` once half of it is accepted (and its first long tasks
     run), measure the recovery, wait for every task, and account for each. The outcome is
-    recorded for the summary table whatever it is; the caller asserts on it."""
-    assert wait_healthy(cluster, time.monotonic()) < RECOVERY_TIMEOUT  # start from a steady stack
+    recorded for the summary table whatever it is; the caller asserts on it. ``broker`` is
+    the one the deploy chose (the results must be in PostgreSQL)."""
+    assert wait_healthy(cluster, time.monotonic(), broker) < RECOVERY_TIMEOUT  # start from a steady stack
     batch = Batch(cluster, **batch_options)
-    with RequestLoop(cluster.by_group("web")) as loop:
+    started = time.time()
+    with SubmissionLoop(cluster) as loop:
         batch.submit()
         batch.half_submitted.wait(RECOVERY_TIMEOUT)
         _wait_for_a_long_task(batch)
         injected = time.monotonic()
         notes = inject(batch) or []
-        recovery = wait_healthy(cluster, injected)
+        recovery = wait_healthy(cluster, injected, broker)
+        recovered = time.time()
         batch.join()
-    ids = list(batch.accepted)
+    answers = {**batch.answers, **loop.answers}
+    ids = list(answers)
     final = await_results(cluster, ids)
-    succeeded = succeeded_tasks(cluster, final, batch.answers)
+    succeeded = succeeded_tasks(cluster, final, answers)
     children = {
-        final[task_id]["result"]["child"]: batch.answers[task_id]
+        final[task_id]["result"]["child"]: answers[task_id]
         for task_id in succeeded
         if "child" in final[task_id]["result"]
     }
     children_succeeded = succeeded_tasks(cluster, await_results(cluster, children), children)
     lost_children = sorted(set(children) - set(children_succeeded))
-    wait_drained(cluster)
+    ended = time.time()  # a tick sent before is queued or has run: the queues drain of it too
+    wait_drained(cluster, broker)
     counts = execution_counts(cluster, [*ids, *children])
     outcome = Outcome(
         fault=fault,
@@ -340,15 +487,16 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
         },
         duplicates=sum(count - 1 for count in counts.values() if count > 1),
         executions=counts,
+        periodic=ticks_between(cluster, started, ended, recovered),
         recovery_seconds=recovery,
-        refused=batch.refused,
-        longest_outage=loop.longest_gap(),
-        slowest_answer=batch.slowest_answer,
+        refused=batch.refused + loop.refused,
+        longest_outage=loop.longest_outage(),
+        slowest_answer=max(batch.slowest_answer, loop.slowest_answer),
         notes=list(notes),
     )
     if outcome.lost:
         stored = stored_states(cluster, ids)
-        outcome.notes.append(f"queue after the deadline: {queue_state(cluster)}")
+        outcome.notes.append(f"queues after the deadline: {waiting_messages(cluster, broker)}")
         outcome.notes += [
             f"{task_id}: API {final.get(task_id)}, PostgreSQL {stored.get(task_id)}" for task_id in outcome.lost[:5]
         ]
@@ -357,6 +505,7 @@ def run_fault(cluster: Cluster, fault: str, inject, **batch_options) -> Outcome:
     assert not empty, f"the batch has no task of these shapes, so it proves nothing of them: {empty}"
     never_ran = [task_id for task_id in [*succeeded, *children_succeeded] if counts.get(task_id, 0) == 0]
     assert not never_ran, f"succeeded without a recorded execution (the record is broken): {never_ran[:5]}"
+    assert outcome.periodic.runs > 0, "beat sent no tick during the batch: the row proves nothing of periodic runs"
     OUTCOMES.append(outcome)
     print("\n" + "\n".join([outcome.row(), *outcome.notes]))
     return outcome

@@ -115,8 +115,9 @@ def submit_workflow(request: WorkflowRequest) -> dict:
 def status(task_id: str) -> dict:
     try:
         # Inside the try: Celery makes a result backend per thread, and the database backend
-        # connects at once to create its tables, so a request thread's first read fails here
-        # while PostgreSQL is down (seen: a 500 instead of the 503).
+        # connects at once to create its tables unless told not to (the deploy tells web
+        # processes, stack_celery.py), so a request thread's first read may fail here while
+        # PostgreSQL is down (seen: a 500 instead of the 503).
         result = AsyncResult(task_id, app=celery)
         state = result.state
         value = result.result if result.ready() else None
