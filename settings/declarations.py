@@ -297,6 +297,12 @@ class Settings:
     alert_for: str = setting(
         "2m", "How long a condition must hold before its alert fires (the rules' `for`).", checks.duration
     )
+    alert_restart_window: str = setting(
+        "15m",
+        "A unit systemd restarted after its process died (a crash it healed) is alerted for this long: "
+        "UnitRestarted (warning) from the first restart, UnitCrashLooping (critical) from the third.",
+        checks.duration,
+    )
     alertmanager_port: int = setting(
         9093, "Port of Alertmanager (private address of the monitoring host).", checks.port
     )

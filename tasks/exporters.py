@@ -61,6 +61,7 @@ def node_exporter(run: Run) -> None:
         "node_exporter",
         "prometheus-node-exporter",
         f'ARGS="--web.listen-address={node.address}:{config.node_exporter_port} --collector.systemd '
+        f"--collector.systemd.enable-restarts-metrics "
         f'--collector.systemd.unit-include={unit_pattern(run.wiring.units(node))}"\n',
     )
     packaged_service("node_exporter", "prometheus-node-exporter", [args])

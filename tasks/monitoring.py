@@ -44,6 +44,8 @@ def rules_context(config: settings.Settings, workers: int, queues: list[str]) ->
     eval_seconds = duration_seconds(config.alert_for) + 900  # past `for` and the 10-minute deriv window
     return dict(
         alert_for=config.alert_for,
+        restart_window=config.alert_restart_window,
+        restart_range=f"[{config.alert_restart_window}]",
         backlog=config.queue_backlog_threshold,
         # Queue names are [\w.-]+ (settings); a dot is the only character to quote, and "[.]"
         # needs no backslash inside the rules' double-quoted YAML strings.
@@ -53,6 +55,8 @@ def rules_context(config: settings.Settings, workers: int, queues: list[str]) ->
         app=config.app_name,
         eval_time=f"{eval_seconds}s",
         samples=eval_seconds // 15 + 20,
+        # The sample, in the rules' unit tests, at which every alert is evaluated.
+        eval_sample=eval_seconds // 15,
         backlog_at_eval=150 + 10 * (eval_seconds // 15),
     )
 

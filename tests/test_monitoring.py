@@ -4,7 +4,8 @@ the alert rules pass their unit tests where they are installed; every component'
 arrive; a healthy stack fires nothing but the Watchdog; every listener is private and no
 exporter runs as root. On the split topology, alerts really arrive: a webhook receiver in this
 test process gets the firing alert when the Celery worker, then Redis, is stopped, and the
-resolved one when it is started again, and when Redis reaches its memory limit.
+resolved one when it is started again, and when Redis reaches its memory limit; a crash that
+systemd heals in seconds is still notified, and a crash loop at a higher severity.
 """
 
 from __future__ import annotations
@@ -164,6 +165,44 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
         f"stop; resolved {resolved[0][0] - started:.1f}s after the start"
     )
     assert fired[0][0] - stopped < 90, "the alert came later than scrape + evaluation + for + group_wait allow"
+
+
+def kill_and_wait_restarted(host, unit: str) -> None:
+    """kill -9 of ``unit``'s main process, then until systemd has it active with a new one."""
+    old = host.exec(f"systemctl show --property MainPID --value {unit}").strip()
+    host.exec(f"kill -9 {old}")
+
+    def restarted() -> bool:
+        pid = host.exec(f"systemctl show --property MainPID --value {unit}").strip()
+        return host.status(f"systemctl is-active --quiet {unit}") == 0 and pid not in ("0", old)
+
+    wait_until(restarted, timeout=30, interval=0.2)
+
+
+@pytest.mark.parametrize("deployed", ["split"], indirect=True)
+def test_a_crash_systemd_heals_is_notified_and_a_crash_loop_at_a_higher_severity(deployed: Cluster):
+    """kill -9 of the worker's main process: systemd has it back within seconds, too soon for
+    UnitNotActive, and the operator hears of it all the same (UnitRestarted, warning). Two more
+    within the bench's restart window (1 min): UnitCrashLooping (critical)."""
+    receiver, host, unit = deployed.receiver, deployed.one("workers"), f"{APP}-worker.service"
+    wait_until(lambda: query(deployed, f'node_systemd_service_restart_total{{name="{unit}"}}'), timeout=60)
+
+    def told(alertname: str, since: float) -> list[tuple[float, dict]]:
+        return [(at, alert) for at, alert in receiver.firing(alertname, since) if alert["labels"]["name"] == unit]
+
+    killed = time.monotonic()
+    kill_and_wait_restarted(host, unit)
+    restarted = wait_until(lambda: told("UnitRestarted", killed), timeout=90, interval=0.5)
+    assert restarted[0][1]["labels"]["severity"] == "warning", restarted[0][1]
+    looping_since = time.monotonic()
+    for _ in range(2):
+        kill_and_wait_restarted(host, unit)
+    looping = wait_until(lambda: told("UnitCrashLooping", looping_since), timeout=90, interval=0.5)
+    assert looping[0][1]["labels"]["severity"] == "critical", looping[0][1]
+    REPORT.append(
+        f"{unit} killed and restarted by systemd: UnitRestarted received {restarted[0][0] - killed:.1f}s after the "
+        f"kill; after two more kills, UnitCrashLooping {looping[0][0] - looping_since:.1f}s after the first of them"
+    )
 
 
 @pytest.mark.parametrize("deployed", ["split"], indirect=True)
