@@ -165,6 +165,15 @@ def duration(value: str) -> str | None:
     return "must be a Prometheus duration such as 15s, 5m, 4h or 15d"
 
 
+#: Seconds in each unit of a Prometheus duration (a year is 365 days, as Prometheus counts it).
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def duration_seconds(value: str) -> float:
+    """Seconds in a Prometheus duration that ``duration`` accepted, e.g. 1h30m is 5400."""
+    return sum(int(number) * DURATION_UNITS[unit] for number, unit in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", value))
+
+
 def email_or_empty(value: str) -> str | None:
     return None if value == "" or re.fullmatch(r"[^@\s]+@[^@\s]+", value) else "must be empty or an e-mail address"
 

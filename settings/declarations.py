@@ -299,8 +299,10 @@ class Settings:
     )
     alert_restart_window: str = setting(
         "15m",
-        "A unit systemd restarted after its process died (a crash it healed) is alerted for this long: "
-        "UnitRestarted (warning) from the first restart, UnitCrashLooping (critical) from the third.",
+        "How long an incident that healed in seconds stays alerted: a unit systemd restarted after its "
+        "process died (UnitRestarted, warning; UnitCrashLooping, critical, from the third restart), a host "
+        "that rebooted (HostRebooted), a RabbitMQ memory or disk alarm that cleared. At least 4 scrape and "
+        "evaluation intervals.",
         checks.duration,
     )
     alertmanager_port: int = setting(

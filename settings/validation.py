@@ -235,6 +235,16 @@ def cross_problems(config: Settings) -> list[str]:
             f"celery_longest_task_seconds ({config.celery_longest_task_seconds}): the timeouts that hand a "
             "running task to another worker are derived from the latter; raise celery_longest_task_seconds"
         )
+    sampled_every = max(
+        map(checks.duration_seconds, (config.prometheus_scrape_interval, config.prometheus_evaluation_interval))
+    )
+    if checks.duration_seconds(config.alert_restart_window) < 4 * sampled_every:
+        problems.append(
+            f"alert_restart_window ({config.alert_restart_window}) must be at least 4 times the longer of "
+            f"prometheus_scrape_interval ({config.prometheus_scrape_interval}) and prometheus_evaluation_interval "
+            f"({config.prometheus_evaluation_interval}): the restart alerts count the restarts between two samples "
+            "of that window and are evaluated within it, with a missed scrape spared; raise it"
+        )
     kind = checks.source_kind(config.app_source)
     if kind != "distribution" and checks.relative_path(config.app_constraints):
         problems.append(

@@ -13,7 +13,6 @@ checks again.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from io import StringIO
 
@@ -24,6 +23,7 @@ from pyinfra.facts.files import FindInFile, Sha256File
 from pyinfra.operations import files, server, systemd
 
 import settings
+from settings import checks
 from tasks import packaged_service, rabbitmq, render
 from tasks.exporters import defaults_file
 from tasks.service import Port, Run, Scrape, Service
@@ -33,15 +33,9 @@ STAGE = "/etc/prometheus/stack-staged"
 MANAGED = "Managed by the deploy"
 
 
-def duration_seconds(value: str) -> int:
-    """Seconds of a Prometheus duration such as 1m30s (validated by settings)."""
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-    return int(sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)(ms|s|m|h|d|w|y)", value)))
-
-
 def rules_context(config: settings.Settings, workers: int, queues: list[str]) -> dict:
     """What the alert rules and their unit tests are rendered with."""
-    eval_seconds = duration_seconds(config.alert_for) + 900  # past `for` and the 10-minute deriv window
+    eval_seconds = int(checks.duration_seconds(config.alert_for)) + 900  # past `for` and the 10-minute deriv window
     return dict(
         alert_for=config.alert_for,
         restart_window=config.alert_restart_window,

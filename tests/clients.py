@@ -60,6 +60,23 @@ def web_url(host: Host, path: str) -> str:
     return f"http://{host.address}:{WEB_PORT}{path}"
 
 
+def main_pid(host: Host, unit: str) -> int:
+    """The main process of ``unit`` (0 while it has none)."""
+    return int(host.exec(f"systemctl show --property MainPID --value {unit}").strip())
+
+
+def kill_9_until_restarted(host: Host, unit: str, timeout: float = 60) -> tuple[int, float]:
+    """kill -9 of ``unit``'s main process, then until systemd has it active with a new one:
+    the killed process and the seconds that took."""
+    old = main_pid(host, unit)
+    killed = time.monotonic()
+    host.exec(f"kill -9 {old}")
+    while not (host.status(f"systemctl is-active --quiet {unit}") == 0 and main_pid(host, unit) not in (0, old)):
+        assert time.monotonic() - killed < timeout, f"{unit} on {host.name} not active again after {timeout}s"
+        time.sleep(0.1)
+    return old, time.monotonic() - killed
+
+
 def expected_answer(n: int) -> int:
     """What stackapp.compute(n) must answer: the sum of the squares of 0..n-1, in closed form."""
     return (n - 1) * n * (2 * n - 1) // 6

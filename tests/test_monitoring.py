@@ -15,7 +15,7 @@ import time
 import pytest
 
 from bench import Cluster
-from clients import APP, MANAGED_UNITS, REPORT, prometheus_api, query, redis_client, wait_until
+from clients import APP, MANAGED_UNITS, REPORT, kill_9_until_restarted, prometheus_api, query, redis_client, wait_until
 
 pytestmark = pytest.mark.bench
 
@@ -167,18 +167,6 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
     assert fired[0][0] - stopped < 90, "the alert came later than scrape + evaluation + for + group_wait allow"
 
 
-def kill_and_wait_restarted(host, unit: str) -> None:
-    """kill -9 of ``unit``'s main process, then until systemd has it active with a new one."""
-    old = host.exec(f"systemctl show --property MainPID --value {unit}").strip()
-    host.exec(f"kill -9 {old}")
-
-    def restarted() -> bool:
-        pid = host.exec(f"systemctl show --property MainPID --value {unit}").strip()
-        return host.status(f"systemctl is-active --quiet {unit}") == 0 and pid not in ("0", old)
-
-    wait_until(restarted, timeout=30, interval=0.2)
-
-
 @pytest.mark.parametrize("deployed", ["split"], indirect=True)
 def test_a_crash_systemd_heals_is_notified_and_a_crash_loop_at_a_higher_severity(deployed: Cluster):
     """kill -9 of the worker's main process: systemd has it back within seconds, too soon for
@@ -191,12 +179,12 @@ def test_a_crash_systemd_heals_is_notified_and_a_crash_loop_at_a_higher_severity
         return [(at, alert) for at, alert in receiver.firing(alertname, since) if alert["labels"]["name"] == unit]
 
     killed = time.monotonic()
-    kill_and_wait_restarted(host, unit)
+    kill_9_until_restarted(host, unit)
     restarted = wait_until(lambda: told("UnitRestarted", killed), timeout=90, interval=0.5)
     assert restarted[0][1]["labels"]["severity"] == "warning", restarted[0][1]
     looping_since = time.monotonic()
     for _ in range(2):
-        kill_and_wait_restarted(host, unit)
+        kill_9_until_restarted(host, unit)
     looping = wait_until(lambda: told("UnitCrashLooping", looping_since), timeout=90, interval=0.5)
     assert looping[0][1]["labels"]["severity"] == "critical", looping[0][1]
     REPORT.append(

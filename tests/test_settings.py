@@ -35,6 +35,10 @@ def test_good_input_passes_and_defaults_apply():
         ({"redis_appendfsync": "no"}, 'redis_appendfsync must be "everysec" or "always"'),
         ({"apt_proxy": "proxy:3142"}, "apt_proxy must be empty or an http(s) URL"),
         (
+            {"alert_restart_window": "50s"},
+            "alert_restart_window (50s) must be at least 4 times the longer of prometheus_scrape_interval (15s)",
+        ),
+        (
             {"celery_longest_task_seconds": 4000},
             "rabbitmq_consumer_timeout_ms (3600000) must exceed celery_longest_task_seconds (4000)",
         ),

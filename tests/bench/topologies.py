@@ -35,8 +35,9 @@ TOPOLOGIES: dict[str, dict[str, list[str]]] = {
         "worker1": ["workers", "beat"],
         "worker2": ["workers"],
     },
-    # Destructive: the fault suite's own hosts (tests/faults).
-    "faults": {"data": DATA, "app": APP},
+    # Destructive: the fault suite's own hosts (tests/faults), and a monitoring host apart, which
+    # tells of the reboot of either.
+    "faults": {"data": DATA, "app": APP, "monitor": ["monitoring"]},
     # The demo (``make demo``): the split topology.
     "demo": {"data": [*DATA, "monitoring"], "app": APP},
 }

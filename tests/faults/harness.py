@@ -18,6 +18,10 @@ around it, the slots they missed and the slots run twice.
 Throughout the fault, a second client submits a short task every SUBMIT_INTERVAL seconds: the
 longest time the API accepted no task is the outage a client sees (what it needs is to submit,
 not a page), and its tasks are accounted for as the batch's are.
+
+Where the hosts have a monitoring host, each row lists the alerts that became active after the
+fault and reached the test's webhook receiver, with the seconds from the fault to each; a row
+that names the alert its fault must raise waits for it.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import pairwise
 
 import requests
 
 from bench import Cluster, wait_until
-from clients import MANAGED_UNITS, REDIS_BROKER_DB, expected_answer, psql_from, redis_client, web_url
+from clients import APP, MANAGED_UNITS, REDIS_BROKER_DB, expected_answer, psql_from, redis_client, web_url
 
 #: Tasks in a chord's header (stackapp.tasks.CHORD_SIZE): its total is that many answers.
 CHORD_SIZE = 3
@@ -50,6 +55,52 @@ COUNTDOWN_SECONDS = 5.0
 SUBMIT_INTERVAL = 0.25
 #: The tick's interval on the fault suite's hosts (STACKAPP_TICK_SECONDS, tests/faults).
 TICK_SECONDS = 5.0
+#: How long after a fault its alert may reach the receiver: on the bench, a scrape and an
+#: evaluation every 5 s, the alerts' 10 s ``for``, Alertmanager's 5 s group_wait, and a
+#: host's reboot before its exporters answer again.
+NOTICE_TIMEOUT = 120
+
+
+@dataclass
+class Alert:
+    """An alert a fault must raise: its name, and labels it must carry (``host`` is the
+    host's inventory name, ``name`` a systemd unit's)."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, alert: dict) -> bool:
+        labels = alert["labels"]
+        return labels["alertname"] == self.name and all(labels.get(k) == v for k, v in self.labels.items())
+
+    def __str__(self) -> str:
+        return self.name + "".join(f" {key}={value}" for key, value in self.labels.items())
+
+
+@dataclass
+class Notice:
+    """A firing alert that became active after the fault, and when it reached the receiver."""
+
+    seconds: float
+    alert: dict
+
+    @property
+    def name(self) -> str:
+        return self.alert["labels"]["alertname"]
+
+
+def notices_since(cluster: Cluster, injected: float, injected_at: float) -> list[Notice]:
+    """Firing alerts that became active after the fault (injected at ``injected``, monotonic,
+    and ``injected_at``, epoch seconds), in order of arrival, each once. An alert still firing
+    from an earlier fault is sent again whenever its group changes; its start says it is not
+    this fault's."""
+    seen: dict[tuple, Notice] = {}
+    for arrived, alert in cluster.receiver.alerts(injected):
+        began = datetime.fromisoformat(alert["startsAt"]).timestamp()
+        key = tuple(sorted(alert["labels"].items()))
+        if alert["status"] == "firing" and began >= injected_at - 1 and key not in seen:
+            seen[key] = Notice(arrived - injected, alert)
+    return sorted(seen.values(), key=lambda notice: notice.seconds)
 
 
 @dataclass
@@ -74,14 +125,32 @@ class Outcome:
     longest_outage: float
     #: Slowest answer of the API to a submission (a refusal included).
     slowest_answer: float
+    #: The alerts this fault raised, by arrival (None: the hosts have no monitoring host).
+    notices: list[Notice] | None = None
+    #: The alert the fault must raise, if the row names one.
+    expected: Alert | None = None
     notes: list[str] = field(default_factory=list)
+
+    def told(self) -> Notice | None:
+        """The first notification of the expected alert."""
+        assert self.expected and self.notices is not None, "the row names no alert, or its hosts have no monitoring"
+        return next((notice for notice in self.notices if self.expected.matches(notice.alert)), None)
+
+    def notified(self) -> str:
+        """Each alert's name and the seconds from the fault to its first notification."""
+        if self.notices is None:
+            return "no monitoring"
+        first: dict[str, float] = {}
+        for notice in self.notices:
+            first.setdefault(notice.name, notice.seconds)
+        return ", ".join(f"{name} {seconds:.0f}" for name, seconds in first.items()) or "none"
 
     def row(self) -> str:
         return (
             f"| {self.fault} | {self.submitted} | {self.succeeded} | {len(self.lost)} | "
             + " | ".join(f"{count} ({lost})" for count, lost in (self.shapes[shape] for shape in SHAPES))
             + f" | {self.duplicates} | {self.periodic} "
-            f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} |"
+            f"| {self.recovery_seconds:.1f} | {self.refused} | {self.longest_outage:.1f} | {self.notified()} |"
         )
 
 
@@ -90,8 +159,8 @@ def table(outcomes: list[Outcome]) -> str:
     header = (
         "| fault | tasks submitted | succeeded | lost | children (lost) | countdowns (lost) | chains (lost) "
         "| chords (lost) | duplicate runs | periodic runs (missed slots, doubled) | recovery (s) "
-        "| refused by the API (retried) | longest POST /tasks outage (s) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| refused by the API (retried) | longest POST /tasks outage (s) | alerts received (s after the fault) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     )
     return "\n".join([header, *(outcome.row() for outcome in outcomes)])
 
@@ -113,10 +182,17 @@ class Ticks:
     def runs(self) -> int:
         return len(self.within)
 
+    @staticmethod
+    def slots_missed(earlier: float, later: float) -> int:
+        """Slots no run was sent for between two runs: a gap of two intervals (a tenth spared)
+        missed one. A shorter gap is a late run, not a missed one: beat schedules each run an
+        interval after the previous one was sent, so a late wake-up (seen 3.4 s on a loaded
+        CI machine) delays the runs after it and skips none."""
+        return max(0, int((later - earlier) / TICK_SECONDS + 0.1) - 1)
+
     @property
     def missed(self) -> int:
-        """Slots no run was sent for: a gap of two intervals (a tenth spared) missed one."""
-        return sum(max(0, int((later - earlier) / TICK_SECONDS + 0.1) - 1) for earlier, later in self.gaps())
+        return sum(self.slots_missed(earlier, later) for earlier, later in self.gaps())
 
     @property
     def doubled(self) -> int:
@@ -124,11 +200,11 @@ class Ticks:
         return sum(1 for earlier, later in self.gaps() if later - earlier < TICK_SECONDS / 2)
 
     def missed_after_recovery(self) -> list[float]:
-        """Gaps of an interval and a half or more that began once the stack had recovered."""
+        """Gaps that missed a slot and began once the stack had recovered."""
         return [
             later - earlier
             for earlier, later in self.gaps()
-            if earlier >= self.recovered and later - earlier >= 1.5 * TICK_SECONDS
+            if earlier >= self.recovered and self.slots_missed(earlier, later)
         ]
 
     def __str__(self) -> str:
@@ -445,11 +521,14 @@ def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
     return {task_id: int(count) for task_id, count in rows_of_tasks(cluster, sql, task_ids)}
 
 
-def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **batch_options) -> Outcome:
+def run_fault(
+    cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", told: Alert | None = None, **batch_options
+) -> Outcome:
     """Submit a batch, call ``inject()`` once half of it is accepted (and its first long tasks
     run), measure the recovery, wait for every task, and account for each. The outcome is
     recorded for the summary table whatever it is; the caller asserts on it. ``broker`` is
-    the one the deploy chose (the results must be in PostgreSQL)."""
+    the one the deploy chose (the results must be in PostgreSQL); ``told``, the alert the
+    fault must raise, waited for up to NOTICE_TIMEOUT after the fault."""
     assert wait_healthy(cluster, time.monotonic(), broker) < RECOVERY_TIMEOUT  # start from a steady stack
     batch = Batch(cluster, **batch_options)
     started = time.time()
@@ -457,7 +536,7 @@ def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **
         batch.submit()
         batch.half_submitted.wait(RECOVERY_TIMEOUT)
         _wait_for_a_long_task(batch)
-        injected = time.monotonic()
+        injected, injected_at = time.monotonic(), time.time()
         notes = inject(batch) or []
         recovery = wait_healthy(cluster, injected, broker)
         recovered = time.time()
@@ -476,6 +555,15 @@ def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **
     ended = time.time()  # a tick sent before is queued or has run: the queues drain of it too
     wait_drained(cluster, broker)
     counts = execution_counts(cluster, [*ids, *children])
+    notices = None
+    if cluster.receiver:
+        if told:
+            deadline = injected + NOTICE_TIMEOUT
+            while time.monotonic() < deadline and not any(
+                told.matches(notice.alert) for notice in notices_since(cluster, injected, injected_at)
+            ):
+                time.sleep(1)
+        notices = notices_since(cluster, injected, injected_at)
     outcome = Outcome(
         fault=fault,
         submitted=len(ids),
@@ -492,6 +580,8 @@ def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **
         refused=batch.refused + loop.refused,
         longest_outage=loop.longest_outage(),
         slowest_answer=max(batch.slowest_answer, loop.slowest_answer),
+        notices=notices,
+        expected=told,
         notes=list(notes),
     )
     if outcome.lost:
@@ -509,6 +599,33 @@ def run_fault(cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", **
     OUTCOMES.append(outcome)
     print("\n" + "\n".join([outcome.row(), *outcome.notes]))
     return outcome
+
+
+def warm_stop_and_start(cluster: Cluster, batch: Batch, seen: dict) -> list[str]:
+    """A fault: ``systemctl stop`` of the worker, which returns once its running tasks have
+    ended (a warm shutdown), then a start. ``seen`` records the executions running at the stop
+    and those of them still unfinished after it, for ``assert_warm_stop``."""
+    worker = cluster.one("workers")
+    seen["running"] = running_executions(cluster, batch.ids())
+    worker.exec(f"systemctl stop {APP}-worker.service")
+    seen["unfinished"] = running_executions(cluster, {task_id for task_id, _, _ in seen["running"]})
+    worker.exec(f"systemctl start {APP}-worker.service")
+    return [f"{len(seen['running'])} tasks running at the stop, {len(seen['unfinished'])} left unfinished"]
+
+
+def assert_told(outcome: Outcome) -> None:
+    """The operator heard of the fault: its alert reached the receiver (Alertmanager's webhook)."""
+    assert outcome.told(), (
+        f"{outcome.expected} did not reach the receiver within {NOTICE_TIMEOUT}s of the fault; "
+        f"received: {outcome.notified()}"
+    )
+
+
+def assert_warm_stop(outcome: Outcome, seen: dict) -> None:
+    """The stop let every running task finish, and none ran twice."""
+    assert seen["running"], "no task was running at the stop: the row proves nothing"
+    assert seen["unfinished"] == [], "the stop killed running tasks"
+    assert outcome.duplicates == 0, outcome.row()
 
 
 def _wait_for_a_long_task(batch: Batch, timeout: float = 30) -> None:
