@@ -201,6 +201,11 @@ def prometheus_api(cluster: Cluster, path: str, **params) -> dict:
     return body["data"]
 
 
+def targets(cluster: Cluster) -> list[dict]:
+    """Prometheus' active scrape targets, each with its ``health`` ("up" once scraped)."""
+    return prometheus_api(cluster, "targets", state="active")["activeTargets"]
+
+
 def query(cluster: Cluster, expression: str) -> list[dict]:
     """The instant vector of a PromQL expression: ``[{"metric": {...}, "value": [t, "v"]}]``."""
     return prometheus_api(cluster, "query", query=expression)["result"]

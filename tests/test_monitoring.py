@@ -15,7 +15,17 @@ import time
 import pytest
 
 from bench import Cluster
-from clients import APP, MANAGED_UNITS, REPORT, kill_9_until_restarted, prometheus_api, query, redis_client, wait_until
+from clients import (
+    APP,
+    MANAGED_UNITS,
+    REPORT,
+    kill_9_until_restarted,
+    prometheus_api,
+    query,
+    redis_client,
+    targets,
+    wait_until,
+)
 
 pytestmark = pytest.mark.bench
 
@@ -23,10 +33,6 @@ pytestmark = pytest.mark.bench
 JOBS = {"prometheus", "alertmanager", "node", "redis", "postgres", "rabbitmq", "rabbitmq-queues", "flower", "app"}
 #: Ports of the monitoring stack: none may listen on a wildcard address.
 MONITORING_PORTS = {9090, 9093, 9094, 9100, 9121, 9187, 5555}
-
-
-def targets(cluster: Cluster) -> list[dict]:
-    return prometheus_api(cluster, "targets", state="active")["activeTargets"]
 
 
 def test_prometheus_scrapes_every_exporter_of_the_inventory_and_each_is_up(deployed: Cluster):

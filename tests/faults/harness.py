@@ -36,7 +36,16 @@ from itertools import pairwise
 import requests
 
 from bench import Cluster, wait_until
-from clients import APP, MANAGED_UNITS, REDIS_BROKER_DB, expected_answer, psql_from, redis_client, web_url
+from clients import (
+    APP,
+    MANAGED_UNITS,
+    REDIS_BROKER_DB,
+    expected_answer,
+    psql_from,
+    redis_client,
+    targets,
+    web_url,
+)
 
 #: Tasks in a chord's header (stackapp.tasks.CHORD_SIZE): its total is that many answers.
 CHORD_SIZE = 3
@@ -530,6 +539,11 @@ def run_fault(
     the one the deploy chose (the results must be in PostgreSQL); ``told``, the alert the
     fault must raise, waited for up to NOTICE_TIMEOUT after the fault."""
     assert wait_healthy(cluster, time.monotonic(), broker) < RECOVERY_TIMEOUT  # start from a steady stack
+    if cluster.receiver:
+        # Every target scraped since it was last down: an alert on a counter's increase (a
+        # unit's restarts) needs a sample from before the fault. The first row starts seconds
+        # after the deploy, and a row after a reboot while the host's exporters come back.
+        wait_until(lambda: all(target["health"] == "up" for target in targets(cluster)), timeout=RECOVERY_TIMEOUT)
     batch = Batch(cluster, **batch_options)
     started = time.time()
     with SubmissionLoop(cluster) as loop:
