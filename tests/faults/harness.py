@@ -530,6 +530,17 @@ def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
     return {task_id: int(count) for task_id, count in rows_of_tasks(cluster, sql, task_ids)}
 
 
+def scraped_everywhere(cluster: Cluster) -> bool:
+    """Whether Prometheus has every host's node_exporter among its targets, and every target
+    scraped ("up"). Right after its start it has no targets yet, which ``all()`` would accept:
+    the CI run's first row killed Redis 3 s before Prometheus' first sample."""
+    found = targets(cluster)
+    nodes = {target["labels"]["host"] for target in found if target["labels"]["job"] == "node"}
+    return nodes == {host.address for host in cluster.hosts.values()} and all(
+        target["health"] == "up" for target in found
+    )
+
+
 def run_fault(
     cluster: Cluster, fault: str, inject, broker: str = "rabbitmq", told: Alert | None = None, **batch_options
 ) -> Outcome:
@@ -540,10 +551,10 @@ def run_fault(
     fault must raise, waited for up to NOTICE_TIMEOUT after the fault."""
     assert wait_healthy(cluster, time.monotonic(), broker) < RECOVERY_TIMEOUT  # start from a steady stack
     if cluster.receiver:
-        # Every target scraped since it was last down: an alert on a counter's increase (a
-        # unit's restarts) needs a sample from before the fault. The first row starts seconds
-        # after the deploy, and a row after a reboot while the host's exporters come back.
-        wait_until(lambda: all(target["health"] == "up" for target in targets(cluster)), timeout=RECOVERY_TIMEOUT)
+        # An alert on a counter's increase (a unit's restarts) needs a sample from before the
+        # fault: the first row starts seconds after the deploy (restarted) Prometheus, and a
+        # row after a reboot while the host's exporters come back.
+        wait_until(lambda: scraped_everywhere(cluster), timeout=RECOVERY_TIMEOUT)
     batch = Batch(cluster, **batch_options)
     started = time.time()
     with SubmissionLoop(cluster) as loop:
