@@ -206,6 +206,17 @@ def targets(cluster: Cluster) -> list[dict]:
     return prometheus_api(cluster, "targets", state="active")["activeTargets"]
 
 
+def scraped_everywhere(cluster: Cluster) -> bool:
+    """Whether Prometheus has every host's node_exporter among its targets, and every target
+    scraped ("up"). Right after its start it has no targets yet, which ``all()`` would accept:
+    a fault suite's row once killed Redis 3 s before Prometheus' first sample."""
+    found = targets(cluster)
+    nodes = {target["labels"]["host"] for target in found if target["labels"]["job"] == "node"}
+    return nodes == {host.address for host in cluster.hosts.values()} and all(
+        target["health"] == "up" for target in found
+    )
+
+
 def query(cluster: Cluster, expression: str) -> list[dict]:
     """The instant vector of a PromQL expression: ``[{"metric": {...}, "value": [t, "v"]}]``."""
     return prometheus_api(cluster, "query", query=expression)["result"]

@@ -43,7 +43,7 @@ from clients import (
     expected_answer,
     psql_from,
     redis_client,
-    targets,
+    scraped_everywhere,
     web_url,
 )
 
@@ -528,17 +528,6 @@ def execution_counts(cluster: Cluster, task_ids) -> dict[str, int]:
     """Task id → how many times it started running, from the executions table."""
     sql = "SELECT task_id, count(*) FROM stackapp_executions WHERE task_id IN ({ids}) GROUP BY task_id"
     return {task_id: int(count) for task_id, count in rows_of_tasks(cluster, sql, task_ids)}
-
-
-def scraped_everywhere(cluster: Cluster) -> bool:
-    """Whether Prometheus has every host's node_exporter among its targets, and every target
-    scraped ("up"). Right after its start it has no targets yet, which ``all()`` would accept:
-    the CI run's first row killed Redis 3 s before Prometheus' first sample."""
-    found = targets(cluster)
-    nodes = {target["labels"]["host"] for target in found if target["labels"]["job"] == "node"}
-    return nodes == {host.address for host in cluster.hosts.values()} and all(
-        target["health"] == "up" for target in found
-    )
 
 
 def run_fault(
