@@ -24,10 +24,10 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pyinfra import host, inventory, logger
-from pyinfra.api import deploy
+from pyinfra.api import FactBase, deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents, FindFiles
 from pyinfra.operations import files, pip, python, server, systemd
@@ -44,6 +44,12 @@ LIBRARIES = {
     "gunicorn/stack_gunicorn.py": "Gunicorn worker class (Uvicorn, drained at shutdown)",
     "celery/stack_celery.py": "Celery loader (the app's Celery app with the no-task-lost settings)",
     "celery/stack_dead_letters.py": "dead-letters tool (lists and replays poison tasks)",
+    "celery/stack_handover.py": "handover (moves the tasks left in a broker switched away from)",
+}
+#: The tools installed into /usr/local/sbin/<app>-<tool>: template under templates/app → what it does.
+TOOLS = {
+    "dead-letters": "lists and replays the tasks RabbitMQ dead-lettered",
+    "handover": "moves the tasks left in a broker switched away from into the application's",
 }
 UNIT_DIR = "/etc/systemd/system"
 
@@ -192,6 +198,9 @@ def application(run: Run) -> None:
             group=app,
             mode="0640",
         )
+    switched = run.node.has("beat") and _broker_switched(run)
+    if switched:
+        _keep_the_old_broker(run)
     environment = files.put(
         name="Write the environment file (broker and result URLs, with credentials, and the app's own)",
         src=render("app/app.env.j2", variables=environment_variables(run, queues)),
@@ -219,12 +228,20 @@ def application(run: Run) -> None:
         )
         for module, what in LIBRARIES.items()
     ]
-    files.put(
-        name=f"Install {app}-dead-letters, which lists and replays the tasks RabbitMQ dead-lettered",
-        src=render("app/dead-letters.sh.j2", app=app, home=home, workdir=workdir(config, source)),
-        dest=f"/usr/local/sbin/{app}-dead-letters",
-        mode="0755",
-    )
+    for tool, what in TOOLS.items():
+        files.put(
+            name=f"Install {app}-{tool}, which {what}",
+            src=render(
+                f"app/{tool}.sh.j2",
+                app=app,
+                home=home,
+                workdir=workdir(config, source),
+                broker_variable=config.app_broker_url_variables[0],
+                queues=",".join(run.wiring.queues()),
+            ),
+            dest=f"/usr/local/sbin/{app}-{tool}",
+            mode="0755",
+        )
     changes = {
         "code": [code],
         "gunicorn_config": [gunicorn_config],
@@ -235,6 +252,63 @@ def application(run: Run) -> None:
         "flower_environment": [flower_environment] if flower_environment is not None else [],
     }
     _units(run.node, source, changes)
+    if run.node.has("beat"):
+        _hand_over(run, switched)
+
+
+class BrokerLocation(FactBase):
+    """Where the broker URL of an environment file points, ``scheme://host:port/path``, the
+    credentials cut on the host (pyinfra prints a fact's output at -vvv); None without one."""
+
+    def command(self, path: str, names: list[str]) -> str:
+        pattern = shlex.quote(f"^({'|'.join(names)})=")
+        strip = shlex.quote(r's#^[^=]*="([^:]*)://([^@/]*@)?([^/"]*)(/[^"]*)?".*#\1://\3\4#')
+        return f"grep -Em1 {pattern} {shlex.quote(path)} 2>/dev/null | sed -E {strip}"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0] if output else None
+
+
+def broker_location(url: str) -> str:
+    """``scheme://host:port/path`` of a broker URL, as BrokerLocation reads it on a host."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def _broker_switched(run: Run) -> bool:
+    """Whether this run moves the application to another broker (another kind, host, port, vhost
+    or database; new credentials alone are not a switch). Facts are read while the operations
+    are planned, before any runs, so this compares the environment file as it was."""
+    config = run.node.config
+    previous = host.get_fact(
+        BrokerLocation, path=f"/etc/{config.app_name}/app.env", names=config.app_broker_url_variables
+    )
+    return previous is not None and previous != broker_location(broker_url(run))
+
+
+def _keep_the_old_broker(run: Run) -> None:
+    """On the beat host, before the environment file changes: keep it, naming the broker
+    switched away from, as handover.env (0600) until the handover succeeds. A copy on the host
+    (no pyinfra operation copies to another name and mode), so the old URL and its password
+    never travel; run only on a switch."""
+    app = run.node.config.app_name
+    server.shell(
+        name="Keep the environment file naming the broker switched away from, for the handover",
+        commands=[f"install -m 0600 -o root -g root /etc/{app}/app.env /etc/{app}/handover.env"],
+    )
+
+
+def _hand_over(run: Run, switched: bool) -> None:
+    """After a switch of broker, once every unit of every host runs on the new one (this comes
+    after their restarts in the run's order): move what the old broker still holds into the new
+    one (files/celery/stack_handover.py). handover.env stays until a handover succeeds, so a
+    failed one is tried again by the next run, whose environment file names the new broker."""
+    app = run.node.config.app_name
+    if switched or host.get_fact(File, path=f"/etc/{app}/handover.env"):
+        server.shell(
+            name="Move the tasks left in the broker switched away from into the new one",
+            commands=[f"/usr/local/sbin/{app}-handover"],
+        )
 
 
 def environment_variables(run: Run, queues: str = "classic") -> dict[str, str]:

@@ -82,8 +82,8 @@ def expected_answer(n: int) -> int:
     return (n - 1) * n * (2 * n - 1) // 6
 
 
-def submit_task(web: Host, n: int, sleep: float = 0.0) -> str:
-    response = requests.post(web_url(web, "/tasks"), json={"n": n, "sleep": sleep}, timeout=15)
+def submit_task(web: Host, n: int, sleep: float = 0.0, countdown: float = 0.0) -> str:
+    response = requests.post(web_url(web, "/tasks"), json={"n": n, "sleep": sleep, "countdown": countdown}, timeout=15)
     assert response.status_code == 202, response.text
     return response.json()["id"]
 

@@ -12,6 +12,7 @@ parsed as their programs read them; only the firewall's nftables syntax is parse
 from __future__ import annotations
 
 import re
+import subprocess
 from urllib.parse import urlsplit
 
 import pytest
@@ -135,3 +136,30 @@ def test_a_host_in_no_group_reaches_only_the_public_entry(name):
     assert public <= listening
     reached = {(address, port) for address, port in listening if reaches(tables, OUTSIDER, address, port)}
     assert reached == public
+
+
+@pytest.mark.parametrize(
+    "url, location",
+    [
+        ("amqp://celery:p%40ss%2Fw%3Ard@10.0.0.5:5672/celery", "amqp://10.0.0.5:5672/celery"),
+        ("redis://:r%22q%5C@10.0.0.5:6379/0", "redis://10.0.0.5:6379/0"),
+        ("redis://:x@[fd00::5]:6380/2", "redis://[fd00::5]:6380/2"),
+    ],
+    ids=["amqp", "redis", "redis on IPv6"],
+)
+def test_the_broker_an_environment_file_names_is_read_on_the_host_without_its_credentials(url, location, tmp_path):
+    """A switch of broker is found by comparing where the environment file's broker URL points,
+    read on the host with the credentials cut there (a fact's output is printed at -vvv), with
+    where the new URL points: the environment file as the deploy renders it (passwords
+    percent-encoded), read by the fact's own command, gives the location and nothing more."""
+    path = tmp_path / "app.env"
+    rendered = app.render("app/app.env.j2", variables={"STACK_CELERY_BROKER": "x", "CELERY_BROKER_URL": url})
+    path.write_text(rendered.getvalue())
+    fact = app.BrokerLocation()
+
+    def read(path, names: list[str]) -> str | None:
+        output = subprocess.run(fact.command(str(path), names), shell=True, capture_output=True, text=True).stdout
+        return fact.process(output.splitlines())
+
+    assert read(path, ["BROKER_URL", "CELERY_BROKER_URL"]) == app.broker_location(url) == location
+    assert read(tmp_path / "absent.env", ["CELERY_BROKER_URL"]) is None
