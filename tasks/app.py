@@ -290,11 +290,21 @@ def _keep_the_old_broker(run: Run) -> None:
     """On the beat host, before the environment file changes: keep it, naming the broker
     switched away from, as handover.env (0600) until the handover succeeds. A copy on the host
     (no pyinfra operation copies to another name and mode), so the old URL and its password
-    never travel; run only on a switch."""
+    never travel; run only on a switch. A handover still pending from an earlier switch (it
+    failed) keeps its file and runs first: what that broker held when the application left it
+    outweighs what the one in between holds, whose workers consumed it until now (a warning
+    says so)."""
     app = run.node.config.app_name
+    pending = f"/etc/{app}/handover.env"
+    if host.get_fact(File, path=pending):
+        logger.warning(
+            f"{host.name}: a handover from an earlier switch of broker is still pending ({pending}): it runs "
+            "now; the tasks left in the broker switched away from now are not moved (docs/deploy.md, Switching)"
+        )
+        return
     server.shell(
         name="Keep the environment file naming the broker switched away from, for the handover",
-        commands=[f"install -m 0600 -o root -g root /etc/{app}/app.env /etc/{app}/handover.env"],
+        commands=[f"install -m 0600 -o root -g root /etc/{app}/app.env {pending}"],
     )
 
 

@@ -149,6 +149,37 @@ def test_every_broker_and_backend_combination_carries_tasks_end_to_end(deployed:
         assert (result["state"], result["executions"]) == ("SUCCESS", 1), result
 
 
+def test_a_handover_that_fails_fails_the_deploy_and_the_next_run_moves_the_tasks(deployed: Cluster):
+    """The old broker refuses the handover (Redis' password changed behind the deploy's back):
+    the switch's deploy fails at the handover, after every unit moved, and handover.env stays;
+    once Redis takes its password again, the next run (nothing else to change) moves the tasks
+    queued there, each runs once, the file is gone, and a re-run changes nothing."""
+    switch(deployed, "redis", "postgresql")
+    web, app_host, redis = deployed.one("web"), deployed.one("beat"), redis_client(deployed)
+    queued = queue_while_no_worker_runs(deployed, 0)
+    pending = f"/etc/{APP}/handover.env"
+    redis.config_set("requirepass", "refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
+    try:
+        failed = deployed.deploy("--data", "celery_broker=rabbitmq", "--data", "celery_result_backend=postgresql")
+        assert failed.returncode != 0, "the deploy succeeded although the handover could not reach Redis"
+        assert "Move the tasks left in the broker switched away from" in failed.output, failed.stderr[-3000:]
+        assert app_host.exec(f"test -f {pending} && echo kept").strip() == "kept"
+    finally:
+        refused = redis_client(deployed, password="refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
+        refused.config_set("requirepass", deployed.secrets["STACK_REDIS_PASSWORD"])
+        for host in deployed.by_group("workers"):
+            host.exec(f"systemctl start {APP}-worker.service")
+    retried = switch(deployed, "rabbitmq", "postgresql")
+    assert any(name.startswith("Application | Move the tasks left") for name in retried.changed), retried.changed
+    assert app_host.exec(f"test -f {pending} || echo removed").strip() == "removed"
+    wait_drained(deployed, "redis", timeout=30)
+    for task_id in queued:
+        result = task_result(web, task_id, timeout=60)
+        assert (result["state"], result["executions"]) == ("SUCCESS", 1), result
+    again = switch(deployed, "rabbitmq", "postgresql")
+    assert again.changed == [], again.changed
+
+
 @pytest.mark.parametrize("fault", ["systemctl restart redis-server", "pkill -9 -x redis-server"])
 def test_tasks_queued_in_redis_survive_redis_restart_and_crash(deployed: Cluster, fault: str):
     """Queued with no worker running, then Redis restarted (or killed: only the AOF, fsynced

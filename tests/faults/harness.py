@@ -464,9 +464,10 @@ def wait_drained(cluster: Cluster, broker: str = "rabbitmq", timeout: float = 60
     try:
         wait_until(lambda: sum(waiting_messages(cluster, broker).values()) == 0, timeout=timeout, interval=0.5)
     except AssertionError:
-        raise AssertionError(
-            f"the queues did not drain within {timeout}s: {waiting_messages(cluster, broker)}"
-        ) from None
+        left = {name: count for name, count in waiting_messages(cluster, broker).items() if count}
+        # Ready or held by a worker (unacknowledged), and by how many consumers: which way to look.
+        held = f"; the task queue: {queue_state(cluster)}" if broker == "rabbitmq" else ""
+        raise AssertionError(f"the queues did not drain within {timeout}s: {left}{held}") from None
 
 
 def wait_healthy(cluster: Cluster, since: float, broker: str = "rabbitmq") -> float:
