@@ -198,9 +198,11 @@ def application(run: Run) -> None:
             group=app,
             mode="0640",
         )
-    switched = run.node.has("beat") and _broker_switched(run)
+    beat = run.node.has("beat")
+    pending = beat and host.get_fact(File, path=_handover_file(app)) is not None
+    switched = beat and _broker_switched(run)
     if switched:
-        _keep_the_old_broker(run)
+        _keep_the_old_broker(run, pending)
     environment = files.put(
         name="Write the environment file (broker and result URLs, with credentials, and the app's own)",
         src=render("app/app.env.j2", variables=environment_variables(run, queues)),
@@ -252,8 +254,8 @@ def application(run: Run) -> None:
         "flower_environment": [flower_environment] if flower_environment is not None else [],
     }
     _units(run.node, source, changes)
-    if run.node.has("beat"):
-        _hand_over(run, switched)
+    if switched or pending:
+        _hand_over(run)
 
 
 class BrokerLocation(FactBase):
@@ -286,7 +288,12 @@ def _broker_switched(run: Run) -> bool:
     return previous is not None and previous != broker_location(broker_url(run))
 
 
-def _keep_the_old_broker(run: Run) -> None:
+def _handover_file(app: str) -> str:
+    """The environment file naming the broker switched away from, while a handover is due."""
+    return f"/etc/{app}/handover.env"
+
+
+def _keep_the_old_broker(run: Run, pending: bool) -> None:
     """On the beat host, before the environment file changes: keep it, naming the broker
     switched away from, as handover.env (0600) until the handover succeeds. A copy on the host
     (no pyinfra operation copies to another name and mode), so the old URL and its password
@@ -295,30 +302,29 @@ def _keep_the_old_broker(run: Run) -> None:
     outweighs what the one in between holds, whose workers consumed it until now (a warning
     says so)."""
     app = run.node.config.app_name
-    pending = f"/etc/{app}/handover.env"
-    if host.get_fact(File, path=pending):
+    if pending:
         logger.warning(
-            f"{host.name}: a handover from an earlier switch of broker is still pending ({pending}): it runs "
-            "now; the tasks left in the broker switched away from now are not moved (docs/deploy.md, Switching)"
+            f"{host.name}: a handover from an earlier switch of broker is still pending ({_handover_file(app)}): "
+            "it runs now; the tasks left in the broker switched away from now are not moved (docs/deploy.md, "
+            "Switching)"
         )
         return
     server.shell(
         name="Keep the environment file naming the broker switched away from, for the handover",
-        commands=[f"install -m 0600 -o root -g root /etc/{app}/app.env {pending}"],
+        commands=[f"install -m 0600 -o root -g root /etc/{app}/app.env {_handover_file(app)}"],
     )
 
 
-def _hand_over(run: Run, switched: bool) -> None:
-    """After a switch of broker, once every unit of every host runs on the new one (this comes
-    after their restarts in the run's order): move what the old broker still holds into the new
-    one (files/celery/stack_handover.py). handover.env stays until a handover succeeds, so a
-    failed one is tried again by the next run, whose environment file names the new broker."""
-    app = run.node.config.app_name
-    if switched or host.get_fact(File, path=f"/etc/{app}/handover.env"):
-        server.shell(
-            name="Move the tasks left in the broker switched away from into the new one",
-            commands=[f"/usr/local/sbin/{app}-handover"],
-        )
+def _hand_over(run: Run) -> None:
+    """After a switch of broker, or with a handover pending, once every unit of every host runs
+    on the new one (this comes after their restarts in the run's order): move what the old
+    broker still holds into the new one (files/celery/stack_handover.py). handover.env stays
+    until a handover succeeds, so a failed one is tried again by the next run, whose environment
+    file names the new broker."""
+    server.shell(
+        name="Move the tasks left in the broker switched away from into the new one",
+        commands=[f"/usr/local/sbin/{run.node.config.app_name}-handover"],
+    )
 
 
 def environment_variables(run: Run, queues: str = "classic") -> dict[str, str]:

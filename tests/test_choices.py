@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -102,12 +104,24 @@ def delayed_in_rabbitmq(cluster: Cluster) -> int:
 SWITCH_COUNTDOWN_SECONDS = 120
 
 
-def queue_while_no_worker_runs(cluster: Cluster, countdown: float) -> list[str]:
-    """With every worker stopped, published to the broker in use: five tasks and, with a
-    ``countdown``, a sixth (last) that many seconds later. Their ids."""
-    web = cluster.one("web")
-    for host in cluster.by_group("workers"):
+@contextmanager
+def workers_stopped(cluster: Cluster) -> Iterator[None]:
+    """Every worker host's worker stopped for the block, and started again after it, whatever
+    happens in it (a deploy in the block may have started them already: a no-op then)."""
+    workers = cluster.by_group("workers")
+    for host in workers:
         host.exec(f"systemctl stop {APP}-worker.service")
+    try:
+        yield
+    finally:
+        for host in workers:
+            host.exec(f"systemctl start {APP}-worker.service")
+
+
+def queue_tasks(cluster: Cluster, countdown: float) -> list[str]:
+    """Published to the broker in use: five tasks and, with a ``countdown``, a sixth (last)
+    that many seconds later. Their ids."""
+    web = cluster.one("web")
     queued = [submit_task(web, n) for n in range(200, 205)]
     return queued + [submit_task(web, 205, countdown=countdown)] if countdown else queued
 
@@ -123,15 +137,12 @@ def test_every_broker_and_backend_combination_carries_tasks_end_to_end(deployed:
     handover moved them, with beat's heartbeats sent there during the switch)."""
     web, old = deployed.one("web"), current_broker(deployed)
     moving = broker != old
-    queued = queue_while_no_worker_runs(deployed, SWITCH_COUNTDOWN_SECONDS if moving else 0)
-    due = time.time() + SWITCH_COUNTDOWN_SECONDS
-    try:
+    with workers_stopped(deployed):
+        queued = queue_tasks(deployed, SWITCH_COUNTDOWN_SECONDS if moving else 0)
+        due = time.time() + SWITCH_COUNTDOWN_SECONDS
         if moving and old == "rabbitmq":
             wait_until(lambda: delayed_in_rabbitmq(deployed) == 1, timeout=30)
         switch(deployed, broker, backend)
-    finally:
-        for host in deployed.by_group("workers"):
-            host.exec(f"systemctl start {APP}-worker.service")
     if moving:
         assert time.time() < due, "the switch outlasted the countdown: the countdown task proves nothing"
         # RabbitMQ lists its queues' counts as of its last statistics (every 5 s): wait for them.
@@ -156,19 +167,18 @@ def test_a_handover_that_fails_fails_the_deploy_and_the_next_run_moves_the_tasks
     queued there, each runs once, the file is gone, and a re-run changes nothing."""
     switch(deployed, "redis", "postgresql")
     web, app_host, redis = deployed.one("web"), deployed.one("beat"), redis_client(deployed)
-    queued = queue_while_no_worker_runs(deployed, 0)
     pending = f"/etc/{APP}/handover.env"
-    redis.config_set("requirepass", "refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
-    try:
-        failed = deployed.deploy("--data", "celery_broker=rabbitmq", "--data", "celery_result_backend=postgresql")
-        assert failed.returncode != 0, "the deploy succeeded although the handover could not reach Redis"
-        assert "Move the tasks left in the broker switched away from" in failed.output, failed.stderr[-3000:]
-        assert app_host.exec(f"test -f {pending} && echo kept").strip() == "kept"
-    finally:
-        refused = redis_client(deployed, password="refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
-        refused.config_set("requirepass", deployed.secrets["STACK_REDIS_PASSWORD"])
-        for host in deployed.by_group("workers"):
-            host.exec(f"systemctl start {APP}-worker.service")
+    with workers_stopped(deployed):
+        queued = queue_tasks(deployed, 0)
+        redis.config_set("requirepass", "refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
+        try:
+            failed = deployed.deploy("--data", "celery_broker=rabbitmq", "--data", "celery_result_backend=postgresql")
+            assert failed.returncode != 0, "the deploy succeeded although the handover could not reach Redis"
+            assert "Move the tasks left in the broker switched away from" in failed.output, failed.stderr[-3000:]
+            assert app_host.exec(f"test -f {pending} && echo kept").strip() == "kept"
+        finally:
+            refused = redis_client(deployed, password="refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
+            refused.config_set("requirepass", deployed.secrets["STACK_REDIS_PASSWORD"])
     retried = switch(deployed, "rabbitmq", "postgresql")
     assert any(name.startswith("Application | Move the tasks left") for name in retried.changed), retried.changed
     assert app_host.exec(f"test -f {pending} || echo removed").strip() == "removed"
@@ -185,18 +195,13 @@ def test_tasks_queued_in_redis_survive_redis_restart_and_crash(deployed: Cluster
     """Queued with no worker running, then Redis restarted (or killed: only the AOF, fsynced
     every second, holds the queue then), then workers started: every task completes."""
     switch(deployed, "redis", "postgresql")
-    workers, web = deployed.by_group("workers"), deployed.one("web")
-    try:
-        for host in workers:
-            host.exec(f"systemctl stop {APP}-worker.service")
+    web = deployed.one("web")
+    with workers_stopped(deployed):
         ids = [submit_task(web, n) for n in range(100, 150)]
         assert set(ids) <= queued_task_ids(deployed)
         time.sleep(1.5)  # appendfsync everysec
         deployed.one("redis").exec(fault)
         assert wait_until(lambda: set(ids) <= queued_task_ids(deployed), timeout=30)
-    finally:
-        for host in workers:
-            host.exec(f"systemctl start {APP}-worker.service")
     for n, task_id in zip(range(100, 150), ids, strict=True):
         body = task_result(web, task_id, timeout=120)
         assert body["state"] == "SUCCESS" and body["result"]["answer"] == expected_answer(n), body
