@@ -301,8 +301,8 @@ class Settings:
         "15m",
         "How long an incident that healed in seconds stays alerted: a unit systemd restarted after its "
         "process died (UnitRestarted, warning; UnitCrashLooping, critical, from the third restart), a host "
-        "that rebooted (HostRebooted), a task whose pool process died (TaskProcessDied), a RabbitMQ memory or "
-        "disk alarm that cleared. At least 4 scrape and evaluation intervals.",
+        "that rebooted (HostRebooted), a task whose pool process died (TaskProcessDied), a Gunicorn worker "
+        "killed or timed out (GunicornWorkerDied), a RabbitMQ memory or disk alarm that cleared. At least 4 scrape and evaluation intervals.",
         checks.duration,
     )
     alertmanager_port: int = setting(

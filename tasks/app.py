@@ -34,14 +34,14 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, rabbitmq, render, shipped_file
+from tasks import FILES_DIR, exporters, rabbitmq, render, shipped_file
 from tasks import source as app_source
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
 from tasks.source import Source
 
 #: The deploy's own modules, installed into <home>/lib: file under files/ → what it is.
 LIBRARIES = {
-    "gunicorn/stack_gunicorn.py": "Gunicorn worker class (Uvicorn, drained at shutdown)",
+    "gunicorn/stack_gunicorn.py": "Gunicorn worker class (Uvicorn, drained at shutdown) and dead-worker count",
     "celery/stack_celery.py": "Celery loader (the app's Celery app with the no-task-lost settings)",
     "celery/stack_dead_letters.py": "dead-letters tool (lists and replays poison tasks)",
     "celery/stack_handover.py": "handover (moves the tasks left in a broker switched away from)",
@@ -213,7 +213,13 @@ def application(run: Run) -> None:
     )
     gunicorn_config = files.put(
         name="Write Gunicorn's configuration",
-        src=render("app/gunicorn.conf.py.j2", app=app, workers=config.gunicorn_workers, lib=f"{home}/lib"),
+        src=render(
+            "app/gunicorn.conf.py.j2",
+            app=app,
+            workers=config.gunicorn_workers,
+            lib=f"{home}/lib",
+            deaths=gunicorn_deaths_file(app),
+        ),
         dest=f"/etc/{app}/gunicorn.conf.py",
         user="root",
         group=app,
@@ -254,6 +260,12 @@ def application(run: Run) -> None:
         "flower_environment": [flower_environment] if flower_environment is not None else [],
     }
     _units(run.node, source, changes)
+    files.link(
+        name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
+        path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
+        target=gunicorn_deaths_file(app),
+        present=run.node.has("web") and run.node.monitored,
+    )
     if switched or pending:
         _hand_over(run)
 
@@ -286,6 +298,12 @@ def _broker_switched(run: Run) -> bool:
         BrokerLocation, path=f"/etc/{config.app_name}/app.env", names=config.app_broker_url_variables
     )
     return previous is not None and previous != broker_location(broker_url(run))
+
+
+def gunicorn_deaths_file(app: str) -> str:
+    """The textfile where Gunicorn's master counts its workers that died (stack_gunicorn.py),
+    in the StateDirectory of its unit."""
+    return f"/var/lib/{app}-gunicorn/workers.prom"
 
 
 def _handover_file(app: str) -> str:

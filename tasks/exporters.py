@@ -30,6 +30,9 @@ from tasks.service import Node, Port, Run, Scrape, Service
 
 #: The Debian packages' system user, and so postgres_exporter's peer-authenticated role.
 EXPORTER_ROLE = "prometheus"
+#: Where Debian's node_exporter reads textfiles (its default --collector.textfile.directory):
+#: services count there what no exporter sees (tasks/app.py: Gunicorn's dead workers).
+TEXTFILE_DIRECTORY = "/var/lib/prometheus/node-exporter"
 
 
 def monitored(node: Node) -> bool:

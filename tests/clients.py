@@ -18,7 +18,7 @@ from bench import DEBIAN_RELEASES, Cluster, Host, debian_release, wait_until
 from settings import APP_GROUPS
 from tasks import registry
 
-REDIS_PORT, AMQP_PORT, PG_PORT, WEB_PORT = 6379, 5672, 5432, 8000
+REDIS_PORT, AMQP_PORT, PG_PORT, WEB_PORT, NODE_EXPORTER_PORT = 6379, 5672, 5432, 8000, 9100
 REDIS_BROKER_DB, REDIS_RESULT_DB = 0, 1
 APP = "stackapp"
 #: Group → the units of the stack's own services that its hosts run (as the service declarations
@@ -215,6 +215,15 @@ def scraped_everywhere(cluster: Cluster) -> bool:
     return nodes == {host.address for host in cluster.hosts.values()} and all(
         target["health"] == "up" for target in found
     )
+
+
+def gunicorn_workers_died(web: Host) -> float:
+    """The count of Gunicorn workers that died, as node_exporter serves it on ``web`` (read
+    from this machine, an admin source of the bench's firewall)."""
+    metrics = requests.get(f"http://{web.address}:{NODE_EXPORTER_PORT}/metrics", timeout=10).text
+    samples = [line for line in metrics.splitlines() if line.startswith("stack_gunicorn_workers_died_total{")]
+    assert len(samples) == 1, f"{web.name}: node_exporter serves {samples or 'no'} Gunicorn death count"
+    return float(samples[0].rsplit(" ", 1)[1])
 
 
 def query(cluster: Cluster, expression: str) -> list[dict]:

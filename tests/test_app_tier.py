@@ -17,7 +17,17 @@ import pytest
 import requests
 
 from bench import PROJECT_DIR, Cluster
-from clients import APP, APP_UNITS, RequestLoop, check_task_end_to_end, psql_from, wait_until, web_url, worker_conf
+from clients import (
+    APP,
+    APP_UNITS,
+    RequestLoop,
+    check_task_end_to_end,
+    gunicorn_workers_died,
+    psql_from,
+    wait_until,
+    web_url,
+    worker_conf,
+)
 
 pytestmark = pytest.mark.bench
 
@@ -175,6 +185,7 @@ def test_repeated_graceful_reloads_under_load_fail_no_request(deployed: Cluster)
     connections it has accepted before it closes them; Uvicorn's own drops some (about one
     request per reload was reset here before the drain)."""
     webs = deployed.by_group("web")
+    died = {host.name: gunicorn_workers_died(host) for host in webs}
     with RequestLoop(webs, clients=4) as loop:
         for _ in range(10):
             time.sleep(1.5)
@@ -185,3 +196,5 @@ def test_repeated_graceful_reloads_under_load_fail_no_request(deployed: Cluster)
         f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}: {loop.failures[:3]}"
     )
     assert loop.ok > 200
+    # The old workers exited when asked: none counts as died (GunicornWorkerDied stays quiet).
+    assert {host.name: gunicorn_workers_died(host) for host in webs} == died

@@ -40,6 +40,7 @@ from clients import (
     APP,
     MANAGED_UNITS,
     REDIS_BROKER_DB,
+    as_the_worker,
     expected_answer,
     psql_from,
     redis_client,
@@ -467,7 +468,25 @@ def wait_drained(cluster: Cluster, broker: str = "rabbitmq", timeout: float = 60
         left = {name: count for name, count in waiting_messages(cluster, broker).items() if count}
         # Ready or held by a worker (unacknowledged), and by how many consumers: which way to look.
         held = f"; the task queue: {queue_state(cluster)}" if broker == "rabbitmq" else ""
-        raise AssertionError(f"the queues did not drain within {timeout}s: {left}{held}") from None
+        raise AssertionError(
+            f"the queues did not drain within {timeout}s: {left}{held}\n{worker_holdings(cluster)}"
+        ) from None
+
+
+def worker_holdings(cluster: Cluster) -> str:
+    """What the worker says it holds (tasks running, reserved, scheduled for a countdown) and
+    the last lines of its journal: a message held unacknowledged that the worker does not name
+    is one the worker lost track of, not one the broker kept."""
+    worker = cluster.one("workers")
+    held = {}
+    for method in ("active", "reserved", "scheduled"):
+        inspect = f"/opt/{APP}/venv/bin/celery --app stack_celery inspect {method} --json --timeout 5"
+        try:
+            held[method] = as_the_worker(worker, inspect).strip().splitlines()[-1]
+        except AssertionError as error:
+            held[method] = f"(failed: {error})"
+    journal = worker.exec(f"journalctl -u {APP}-worker.service --since -5min -o short-precise --no-pager | tail -60")
+    return f"the worker holds: {held}\nthe worker's journal:\n{journal}"
 
 
 def wait_healthy(cluster: Cluster, since: float, broker: str = "rabbitmq") -> float:

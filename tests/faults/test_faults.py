@@ -32,6 +32,7 @@ from clients import (
     MANAGED_UNITS,
     POSTGRESQL_UNIT,
     REPORT,
+    gunicorn_workers_died,
     kill_9_until_restarted,
     main_pid,
     redis_client,
@@ -145,15 +146,23 @@ def test_kill_9_of_a_pool_process_in_the_middle_of_a_task(stack: Cluster):
 def test_kill_9_of_every_gunicorn_worker(stack: Cluster):
     web = stack.one("web")
 
+    died = {}
+
     def inject(batch):
         master = main_pid(web, f"{APP}-gunicorn.service")
-        web.exec(f"pkill -9 --parent {master}")
-        return [f"killed every child of Gunicorn's master {master}"]
+        died["before"] = gunicorn_workers_died(web)
+        died["killed"] = int(web.exec(f"pkill -9 --count --parent {master}"))
+        return [f"killed the {died['killed']} children of Gunicorn's master {master}"]
 
-    outcome = run_fault(stack, "kill -9 of every Gunicorn worker", inject)
+    # Its master starts new workers at once and systemd sees nothing: the master counts them.
+    told = Alert("GunicornWorkerDied", {"unit": f"{APP}-gunicorn.service"})
+    outcome = run_fault(stack, "kill -9 of every Gunicorn worker", inject, told=told)
     assert outcome.lost == [], outcome.notes
     assert outcome.longest_outage <= API_OUTAGE_SECONDS, outcome.row()
     assert_clients_served(outcome, submissions=True, periodic=False)
+    assert died["killed"] > 0
+    assert gunicorn_workers_died(web) == died["before"] + died["killed"]
+    assert_told(outcome)
 
 
 def test_systemctl_stop_of_a_worker_is_a_warm_shutdown(stack: Cluster):
