@@ -22,6 +22,7 @@ from clients import (
     REDIS_BROKER_DB,
     REPORT,
     amqp,
+    as_the_worker,
     check_task_end_to_end,
     expected_answer,
     main_pid,
@@ -160,16 +161,31 @@ def test_every_broker_and_backend_combination_carries_tasks_end_to_end(deployed:
         assert (result["state"], result["executions"]) == ("SUCCESS", 1), result
 
 
+def take_and_crash(cluster: Cluster) -> None:
+    """As a worker that takes a task from Redis and dies before acknowledging it: kombu moves
+    it into its ``unacked`` hash, where only a worker on that broker would give it back, once
+    the visibility timeout has passed."""
+    take = (
+        "import os, stack_celery; "
+        "stack_celery.app.connection().default_channel.basic_get(stack_celery.app.conf.task_default_queue); "
+        "os._exit(0)"
+    )
+    as_the_worker(cluster.one("workers"), f'/opt/{APP}/venv/bin/python -c "{take}"')
+
+
 def test_a_handover_that_fails_fails_the_deploy_and_the_next_run_moves_the_tasks(deployed: Cluster):
     """The old broker refuses the handover (Redis' password changed behind the deploy's back):
     the switch's deploy fails at the handover, after every unit moved, and handover.env stays;
     once Redis takes its password again, the next run (nothing else to change) moves the tasks
-    queued there, each runs once, the file is gone, and a re-run changes nothing."""
+    queued there, and the one a worker took and died with, each runs once, the file is gone,
+    and a re-run changes nothing."""
     switch(deployed, "redis", "postgresql")
     web, app_host, redis = deployed.one("web"), deployed.one("beat"), redis_client(deployed)
     pending = f"/etc/{APP}/handover.env"
     with workers_stopped(deployed):
         queued = queue_tasks(deployed, 0)
+        take_and_crash(deployed)
+        assert set(taken_at(deployed)) <= set(queued) and len(taken_at(deployed)) == 1, taken_at(deployed)
         redis.config_set("requirepass", "refused-" + deployed.secrets["STACK_REDIS_PASSWORD"])
         try:
             failed = deployed.deploy("--data", "celery_broker=rabbitmq", "--data", "celery_result_backend=postgresql")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -33,6 +34,7 @@ class DrainingServer(Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Asked to stop (a reload, a stop): Uvicorn then ends the process with the signal it
         # caught, so Gunicorn's worker_exit never runs and the master sees a worker killed.
+        # (_stopped_by says so again when that signal is raised: the master counts a pid once.)
         exiting()
         for server in self.servers:
             server.close()  # stop accepting: the kernel now hands new connections to other workers
@@ -41,6 +43,16 @@ class DrainingServer(Server):
 
 
 class DrainingUvicornWorker(UvicornWorker):
+    def init_signals(self) -> None:
+        # UvicornWorker resets the stop signals to their default, which ends the process at
+        # once, until Uvicorn's server installs its own handlers (and again once it restores
+        # these and raises the signal it caught): a worker still booting when a reload stops it
+        # died of its SIGTERM without a word (seen: a reload under way counted as a death). A
+        # stop signal is a request to stop: say so, then end by that signal as before.
+        super().init_signals()
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(stop, _stopped_by)
+
     async def _serve(self) -> None:
         # UvicornWorker._serve, with DrainingServer in place of uvicorn's Server.
         self.config.app = self.wsgi
@@ -49,6 +61,14 @@ class DrainingUvicornWorker(UvicornWorker):
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+def _stopped_by(signum: int, frame: object) -> None:
+    """A worker's handler of a stop signal outside Uvicorn's: the worker stops on request, by
+    that signal's default action (the exit status Gunicorn and systemd expect)."""
+    exiting()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 class WorkerDeaths:
@@ -61,8 +81,9 @@ class WorkerDeaths:
     ``child_exit`` hook (in the master) is not told how a worker ended, and the exit status
     does not tell either: a Uvicorn worker asked to stop ends with the SIGTERM it caught, once
     it has shut down (tried: every worker of a reload was "sent SIGTERM"). So each worker that
-    stops on request says so through a pipe the master opened before forking it, when its
-    server begins to shut down and when Gunicorn's ``worker_exit`` runs; a worker the master
+    stops on request says so through a pipe the master opened before forking it: when it gets a
+    stop signal (SIGTERM, SIGINT, SIGQUIT), when its server begins to shut down and when
+    Gunicorn's ``worker_exit`` runs; a worker the master
     reaps without that word, or one it aborted for a timeout, died. The count starts at 0 with
     each master, which Prometheus' ``increase`` takes as a counter reset.
     """

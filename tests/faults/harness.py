@@ -27,8 +27,10 @@ that names the alert its fault must raise waits for it.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
@@ -474,9 +476,10 @@ def wait_drained(cluster: Cluster, broker: str = "rabbitmq", timeout: float = 60
 
 
 def worker_holdings(cluster: Cluster) -> str:
-    """What the worker says it holds (tasks running, reserved, scheduled for a countdown) and
-    the last lines of its journal: a message held unacknowledged that the worker does not name
-    is one the worker lost track of, not one the broker kept."""
+    """What the worker says it holds (tasks running, reserved, scheduled for a countdown), the
+    tasks its journal shows received and never finished, its warnings, and RabbitMQ's channels
+    with what each holds: a message held unacknowledged that the worker does not name is one the
+    worker lost track of, not one the broker kept."""
     worker = cluster.one("workers")
     held = {}
     for method in ("active", "reserved", "scheduled"):
@@ -485,8 +488,25 @@ def worker_holdings(cluster: Cluster) -> str:
             held[method] = as_the_worker(worker, inspect).strip().splitlines()[-1]
         except AssertionError as error:
             held[method] = f"(failed: {error})"
-    journal = worker.exec(f"journalctl -u {APP}-worker.service --since -5min -o short-precise --no-pager | tail -60")
-    return f"the worker holds: {held}\nthe worker's journal:\n{journal}"
+    journal = worker.exec(f"journalctl -u {APP}-worker.service --since -10min -o short-precise --no-pager")
+    # A task received twice (a duplicate) and finished once is one still held.
+    received = Counter(re.findall(r"Task \S+\[(\S+)\] received", journal))
+    received.subtract(re.findall(r"Task \S+\[(\S+)\] (?:succeeded|raised|retry)", journal))
+    unfinished = [
+        line for line in journal.splitlines() if any(f"[{i}] received" in line for i, n in received.items() if n > 0)
+    ]
+    warnings = re.findall(r"^.*(?:WARNING|ERROR|CRITICAL).*$", journal, re.M)
+    channels = ""
+    if cluster.by_group("rabbitmq"):
+        channels = cluster.one("rabbitmq").exec(
+            "rabbitmqctl --quiet list_channels connection number consumer_count "
+            "messages_unacknowledged prefetch_count --formatter json",
+            check=False,
+        )
+    return (
+        f"the worker holds: {held}\nreceived, never finished: {unfinished}\n"
+        f"RabbitMQ's channels: {channels}\nthe worker's warnings (10 min):\n" + "\n".join(warnings[-40:])
+    )
 
 
 def wait_healthy(cluster: Cluster, since: float, broker: str = "rabbitmq") -> float:
