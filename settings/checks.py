@@ -144,6 +144,12 @@ def import_path(value: str) -> str | None:
     return 'must be a Python import path such as "package.module:attribute"'
 
 
+def url_path(value: str) -> str | None:
+    if re.fullmatch(r"/[\w./~%!$&'()*+,;=:@?-]*", value):
+        return None
+    return 'must be a path on the application\'s own server starting with "/", e.g. "/healthz"'
+
+
 def queue_list(value: str) -> str | None:
     if re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):
         return None

@@ -217,6 +217,18 @@ class Settings:
     celery_app: str = setting(
         "stackapp.celery_app", "Import path of the Celery application (celery -A).", checks.import_path
     )
+    app_health_path: str = setting(
+        "/healthz",
+        "Path every web host must answer with a 2xx, through its own socket, before a deploy succeeds "
+        "(the health gate, docs/deploy.md); the reference app's /healthz also checks the broker and results.",
+        checks.url_path,
+    )
+    app_health_timeout_seconds: int = setting(
+        60,
+        "How long the health gate waits for the web hosts to answer app_health_path and the workers to answer "
+        "a Celery ping, after a deploy, before it fails the deploy.",
+        checks.positive,
+    )
     pip_index_url: str = setting(
         "", "Python package index for the venv (a mirror); empty for pip's default.", checks.url_or_empty
     )

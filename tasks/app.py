@@ -14,7 +14,8 @@ A re-deploy restarts or reloads only what a change concerns: ``UNITS`` below is 
 project installed as a package (pyproject.toml, wheel, sdist) is reinstalled when its code
 changes, which restarts. Nothing restarts when nothing changed; a unit this run started is not
 restarted right after. A host that no longer has a role has that role's units stopped,
-disabled and removed (so a moved beat never runs twice).
+disabled and removed (so a moved beat never runs twice). Last, the health gate
+(tasks/gate.py) fails the deploy unless the application works on the host.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, exporters, rabbitmq, render, shipped_file
+from tasks import FILES_DIR, exporters, gate, rabbitmq, render, shipped_file
 from tasks import source as app_source
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
 from tasks.source import Source
@@ -259,7 +260,7 @@ def application(run: Run) -> None:
         "flower_packages": [flower] if flower is not None else [],
         "flower_environment": [flower_environment] if flower_environment is not None else [],
     }
-    _units(run.node, source, changes)
+    started = _units(run.node, source, changes)
     files.link(
         name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
         path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
@@ -268,6 +269,10 @@ def application(run: Run) -> None:
     )
     if switched or pending:
         _hand_over(run)
+    gate.install(run.node, SERVICE.units(run.node), workdir(config, source))
+    gate.passes(
+        name="Check that the application works on this host (the health gate)", app=app, settle=any_changed(*started)
+    )
 
 
 class BrokerLocation(FactBase):
@@ -572,9 +577,10 @@ def _explained(venv: Venv) -> str:
     )
 
 
-def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) -> None:
+def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) -> list[OperationMeta]:
     """Write the units of this host's roles, remove those of roles it no longer has, then
-    start, restart or reload each as ``UNITS`` says."""
+    start, restart or reload each as ``UNITS`` says; the operations that do (the health gate
+    lets the units settle after any of them changed)."""
     config = node.config
     app, home = config.app_name, config.app_home
     context: dict[str, Any] = dict(
@@ -607,30 +613,37 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
             )
             written[unit] = files.file(name=f"Remove the unit {unit.name(app)}", path=path, present=False)
     if not written:
-        return
+        return []
     systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
 
     sockets = [operation for unit, operation in written.items() if unit.suffix.endswith(".socket")]
+    started: list[OperationMeta] = []
     for unit in UNITS:
         if not runs(node, unit.role):
             continue
         own = {**changes, "unit": [written[unit]], "socket": sockets}
         restart = [operation for change in unit.restart_on for operation in own[change]]
         reload = [operation for change in unit.reload_on for operation in own[change]]
-        started = _keep_running(unit.name(app))
-        systemd.service(
-            name=f"Restart {unit.name(app)} for its changed {_changes(unit.restart_on)}",
-            service=unit.name(app),
-            restarted=True,
-            _if=[any_changed(*restart), _unchanged(started)],
+        start = _keep_running(unit.name(app))
+        started.append(start)
+        started.append(
+            systemd.service(
+                name=f"Restart {unit.name(app)} for its changed {_changes(unit.restart_on)}",
+                service=unit.name(app),
+                restarted=True,
+                _if=[any_changed(*restart), _unchanged(start)],
+            )
         )
         if reload:
-            systemd.service(
-                name=f"Reload {unit.name(app)} gracefully for its changed {_changes(unit.reload_on)}",
-                service=unit.name(app),
-                reloaded=True,
-                _if=[any_changed(*reload), _unchanged(*restart, started)],
+            started.append(
+                systemd.service(
+                    name=f"Reload {unit.name(app)} gracefully for its changed {_changes(unit.reload_on)}",
+                    service=unit.name(app),
+                    reloaded=True,
+                    _if=[any_changed(*reload), _unchanged(*restart, start)],
+                )
             )
+    return started
 
 
 def _changes(names: tuple[str, ...]) -> str:

@@ -180,6 +180,56 @@ def test_code_change_reloads_gunicorn_without_a_failed_request(deployed: Cluster
         assert restore.returncode == 0, restore.stderr[-6000:]
 
 
+@pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
+def test_a_code_change_whose_asgi_module_fails_to_import_fails_the_deploy(deployed: Cluster, tmp_path: Path):
+    """A code change reloads Gunicorn, whose old workers keep answering while the new ones fail
+    to boot and the master then stops: the health gate, still watching, fails the deploy with
+    the import error from Gunicorn's journal. The next deploy of good code serves again."""
+    source = tmp_path / "app"
+    shutil.copytree(PROJECT_DIR / "files" / "app", source)
+    api = source / "stackapp" / "api.py"
+    api.write_text(api.read_text() + "\nimport stackapp_missing_module  # noqa: E402\n")
+    try:
+        run = deployed.deploy("--data", f"app_source={source}", "--data", "app_health_timeout_seconds=20")
+        assert run.returncode != 0, "the deploy passed with an ASGI module that cannot be imported"
+        failure = run.output.split("the health gate")[-1]
+        assert f"The exceptions in {APP}-gunicorn.service's journal" in failure, failure[-4000:]
+        assert "No module named 'stackapp_missing_module'" in failure, failure[-4000:]
+    finally:
+        restore = deployed.deploy()  # back to the shipped code, for the tests that follow
+    assert restore.returncode == 0, restore.output[-6000:]
+    check_task_end_to_end(deployed)
+
+
+@pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
+def test_a_rerun_that_changes_nothing_still_fails_while_a_worker_does_not_answer(deployed: Cluster):
+    """The health gate runs on every deploy, not only after a change: with the worker's main
+    process stopped (SIGSTOP: its unit active, its process alive, nothing a deploy would
+    restart), a re-run changes nothing and fails naming the worker; once it runs again, the
+    re-run passes with zero changes."""
+    host = deployed.one("workers")
+    quick = ("--data", "app_health_timeout_seconds=10")
+    settled = deployed.deploy(*quick)  # the check tool takes the timeout: that is this run's change
+    assert settled.returncode == 0, settled.output[-4000:]
+    pid = host.exec(f"systemctl show -p MainPID --value {APP}-worker.service").strip()
+    host.exec(f"kill -STOP {pid}")
+    try:
+        run = deployed.deploy(*quick)
+    finally:
+        host.exec(f"kill -CONT {pid}")
+    try:
+        assert run.returncode != 0, "the deploy passed while the worker answered nothing"
+        assert "] Success" not in run.output, run.output[-4000:]  # no operation changed anything
+        failure = run.output.split("the health gate")[-1]
+        assert f"the Celery worker worker@{host.name} did not answer a ping" in failure, failure[-4000:]
+        assert f"The exceptions in {APP}-worker.service's journal" in failure, failure[-4000:]
+        again = deployed.deploy(*quick)
+        assert again.returncode == 0 and again.changed == [], again.output[-4000:]
+    finally:
+        restore = deployed.deploy()  # the default timeout again, for the tests that follow
+    assert restore.returncode == 0, restore.output[-4000:]
+
+
 def test_repeated_graceful_reloads_under_load_fail_no_request(deployed: Cluster):
     """Ten reloads in a row while four clients send requests: the deploy's worker class drains
     connections it has accepted before it closes them; Uvicorn's own drops some (about one

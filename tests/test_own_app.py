@@ -151,6 +151,7 @@ SETTINGS = dict(
     app_system_packages="build-essential,python3-dev,libpq-dev",
     app_workdir="deploy",
     asgi_app="acme_jobs.web.service:api",
+    app_health_path="/",  # no /healthz: its index reads a template relative to app_workdir
     celery_app="acme_jobs.queueing:queue",
     app_broker_url_variables="ACME_QUEUE_URL",
     app_result_backend_variables="ACME_RESULTS_DSN",
@@ -183,8 +184,9 @@ def own_app(converge, tmp_path_factory) -> Cluster:
 
 
 def test_deploys_and_redeploys_without_changes(own_app: Cluster):
-    fresh, again = own_app.runs[:2]
-    assert fresh.returncode == 0, fresh.stderr[-6000:]
+    fresh = own_app.runs[0]
+    assert fresh.returncode == 0, fresh.output[-6000:]
+    again = own_app.runs[1]
     assert again.returncode == 0 and again.changed == [], again.changed
 
 
@@ -254,6 +256,76 @@ def test_a_package_without_a_wheel_for_the_hosts_python_fails_the_deploy_naming_
     check_task_end_to_end(own_app, reference=False)
 
 
+#: Releases that do not work, each a tag of the app's repository: the files changed from v1.
+BROKEN = {
+    "v2-web-import-error": {
+        "src/acme_jobs/web/service.py": FILES["src/acme_jobs/web/service.py"].replace(
+            "import psycopg2\n", "import psycopg2\nimport acme_missing_module\n"
+        )
+    },
+    "v2-worker-exits-at-start": {
+        "src/acme_jobs/work.py": FILES["src/acme_jobs/work.py"]
+        + """
+
+import os
+import sys
+
+from celery.signals import worker_init
+
+
+@worker_init.connect
+def require_token(**_):
+    if "ACME_WORKER_TOKEN" not in os.environ:
+        sys.exit("acme worker: ACME_WORKER_TOKEN is not set")
+"""
+    },
+}
+#: The health gate's timeout in these tests (the default, 60 s, only makes them slower).
+GATE_TIMEOUT_SECONDS = 20
+
+
+def tag_broken_release(root: Path, tag: str) -> None:
+    """Commit ``BROKEN[tag]`` over v1 on a branch of its own and tag it; the checkout is v1 again."""
+    git("checkout", "--quiet", "-b", tag, "v1", cwd=root)
+    for name, text in BROKEN[tag].items():
+        (root / name).write_text(text)
+    git("commit", "--quiet", "-am", tag, cwd=root)
+    git("tag", tag, cwd=root)
+    git("checkout", "--quiet", "v1", cwd=root)
+
+
+@pytest.mark.parametrize(
+    ("tag", "unit", "cause"),
+    [
+        ("v2-web-import-error", "gunicorn", "ModuleNotFoundError: No module named 'acme_missing_module'"),
+        ("v2-worker-exits-at-start", "worker", "acme worker: ACME_WORKER_TOKEN is not set"),
+    ],
+)
+def test_a_release_that_does_not_work_fails_the_deploy_naming_the_host_unit_and_cause(
+    own_app: Cluster, tag: str, unit: str, cause: str
+):
+    """The health gate: a release whose ASGI module cannot be imported, or whose worker exits at
+    start, deploys without an error of its own; the deploy fails all the same, naming the host,
+    what failed, the unit and the cause from its journal. The next deploy of a good release
+    succeeds and tasks travel again."""
+    tag_broken_release(own_app.root, tag)
+    host = own_app.one("web")
+    try:
+        run = own_app.deploy(
+            "--data", f"app_git_ref={tag}", "--data", f"app_health_timeout_seconds={GATE_TIMEOUT_SECONDS}"
+        )
+        assert run.returncode != 0, "the deploy passed with an application that does not work"
+        failure = run.output.split("the health gate")[-1]
+        said = f"[{host.address}] {host.address}: the application does not work after this deploy"
+        assert said in run.output, run.output[-4000:]
+        assert f"The exceptions in {APP}-{unit}.service's journal" in failure, failure[-4000:]
+        assert cause in failure, failure[-4000:]
+    finally:
+        restore = own_app.deploy()
+    assert restore.returncode == 0, restore.output[-6000:]
+    check_task_end_to_end(own_app, reference=False)
+
+
 def test_same_app_from_an_sdist_replaces_the_git_deploy(own_app: Cluster, tmp_path: Path):
     distribution = sdist(own_app.root, tmp_path)
     (tmp_path / "constraints.txt").write_text(constraints())  # beside the sdist, on this machine
@@ -264,6 +336,10 @@ def test_same_app_from_an_sdist_replaces_the_git_deploy(own_app: Cluster, tmp_pa
         "app_workdir=",
         "--data",
         f"app_constraints={tmp_path / 'constraints.txt'}",
+        # The sdist holds no templates/, so the index answers 500 (the health gate said so):
+        # the API's schema is this deploy's health path.
+        "--data",
+        "app_health_path=/openapi.json",
     ]
     run = own_app.deploy(*arguments)
     assert run.returncode == 0, run.stderr[-6000:]

@@ -1,0 +1,123 @@
+"""
+The health gate: a deploy that exits 0 means the application works on every application host.
+
+After the application tier's units are written and (re)started, each application host runs
+``<app>-check`` (templates/app/check.sh.j2 around files/check/stack_check.py): its units
+active, a web host answering ``app_health_path`` with a 2xx through its own socket, a worker
+answering a Celery ping through the broker and consuming each of its queues, all within
+``app_health_timeout_seconds``. When this run started, restarted or reloaded a unit on the host,
+the checks must also hold ``SETTLE_SECONDS`` later with no unit's main process replaced, so a
+service that starts and then dies (a Celery worker whose app fails at start, Gunicorn's new
+workers failing to boot behind the old ones) fails the gate.
+
+A failing gate fails the deploy on that host with the check's words: the host, what failed,
+the unit and the last lines of its journal. A passing gate changes nothing: the operation
+yields no command, so a re-run that changes nothing still reports zero changes, and a re-run
+against an application that broke since still fails.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyinfra import host
+from pyinfra.api import FactBase, StringCommand, operation
+from pyinfra.context import state
+from pyinfra.operations import files
+
+from tasks import render, shipped_file
+from tasks.service import Node
+
+#: Seconds the checks must keep passing, with no unit restarting, after this run (re)started one.
+SETTLE_SECONDS = 5
+#: Beyond the settings' timeout and the settle time: the last attempt's own time, and margin.
+DEADLINE_MARGIN_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What ``<app>-check`` said: whether it passed, and its words."""
+
+    passed: bool
+    report: str
+
+
+class Health(FactBase):
+    """The verdict of ``<app>-check`` on this host, run now (it waits up to its timeout)."""
+
+    def command(self, tool: str, settle: int) -> str:
+        settling = f" --settle {settle}" if settle else ""
+        return f"{tool}{settling} 2>&1; echo stack-check-exit=$?"
+
+    def process(self, output: list[str]) -> Verdict:
+        passed = bool(output) and output[-1] == "stack-check-exit=0"
+        return Verdict(passed, "\n".join(output[:-1]))
+
+
+def tool(app: str) -> str:
+    return f"/usr/local/sbin/{app}-check"
+
+
+def check_arguments(node: Node, units: list[str]) -> list[str]:
+    """What ``stack_check`` checks on ``node``: its application ``units``, the web's health
+    path through the socket's loopback address, the worker (``worker@%H``, as its unit names
+    it) and its queues."""
+    config, app = node.config, node.config.app_name
+    arguments = ["--timeout", str(config.app_health_timeout_seconds)]
+    for unit in units:
+        arguments += ["--unit", unit]
+    if node.has("web"):
+        url = f"http://127.0.0.1:{config.web_port}{config.app_health_path}"
+        arguments += ["--web", url, f"{app}-gunicorn.service"]
+    if node.has("workers"):
+        arguments += ["--worker", "worker@%H", f"{app}-worker.service", config.celery_queues]
+    return arguments
+
+
+def install(node: Node, units: list[str], workdir: str) -> None:
+    """Install ``stack_check.py`` beside the deploy's other modules and ``<app>-check``."""
+    config = node.config
+    app, home = config.app_name, config.app_home
+    files.put(
+        name="Install the deploy's health check (stack_check.py)",
+        src=shipped_file("check/stack_check.py"),
+        dest=f"{home}/lib/stack_check.py",
+        user="root",
+        group=app,
+        mode="0644",
+    )
+    deadline = config.app_health_timeout_seconds + SETTLE_SECONDS + DEADLINE_MARGIN_SECONDS
+    files.put(
+        name=f"Install {app}-check, which checks that the application works on this host",
+        src=render(
+            "app/check.sh.j2",
+            app=app,
+            home=home,
+            workdir=workdir,
+            deadline=deadline,
+            arguments=" ".join(shlex.quote(argument) for argument in check_arguments(node, units)),
+        ),
+        dest=tool(app),
+        mode="0755",
+    )
+
+
+@operation()
+def passes(app: str, settle: Callable[[], bool]):
+    """
+    Fail the deploy on this host unless ``<app>-check`` passes, with ``--settle`` when
+    ``settle()`` says this run (re)started a unit here.
+
+    The check runs when the operation runs, after the units' restarts (operations are planned
+    before any runs, when the check would only see the host as it was); it yields a command
+    only to fail, so a gate that passes is no change.
+    """
+    if not state.is_executing:
+        return
+    verdict = host.get_fact(Health, tool=tool(app), settle=SETTLE_SECONDS if settle() else 0)
+    if verdict.passed:
+        return
+    said = f"{host.name}: the application does not work after this deploy (the health gate):\n{verdict.report}"
+    yield StringCommand("printf '%s\\n'", shlex.quote(said), ">&2", "&&", "exit", "1")
