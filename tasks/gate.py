@@ -7,8 +7,8 @@ active, a web host answering ``app_health_path`` with a 2xx through its own sock
 answering a Celery ping through the broker and consuming each of its queues, all within
 ``app_health_timeout_seconds``. When this run started, restarted or reloaded a unit on the host,
 the checks must also hold ``SETTLE_SECONDS`` later with no unit's main process replaced, so a
-service that starts and then dies (a Celery worker whose app fails at start, Gunicorn's new
-workers failing to boot behind the old ones) fails the gate.
+service that starts and then dies (a Celery worker whose app fails at start, a Gunicorn master
+that halts once its new workers fail to boot) fails the gate.
 
 A failing gate fails the deploy on that host with the check's words: the host, what failed,
 the unit and the last lines of its journal. A passing gate changes nothing: the operation

@@ -294,32 +294,31 @@ def tag_broken_release(root: Path, tag: str) -> None:
     git("checkout", "--quiet", "v1", cwd=root)
 
 
-@pytest.mark.parametrize(
-    ("tag", "unit", "cause"),
-    [
-        ("v2-web-import-error", "gunicorn", "ModuleNotFoundError: No module named 'acme_missing_module'"),
-        ("v2-worker-exits-at-start", "worker", "acme worker: ACME_WORKER_TOKEN is not set"),
-    ],
-)
-def test_a_release_that_does_not_work_fails_the_deploy_naming_the_host_unit_and_cause(
-    own_app: Cluster, tag: str, unit: str, cause: str
-):
-    """The health gate: a release whose ASGI module cannot be imported, or whose worker exits at
-    start, deploys without an error of its own; the deploy fails all the same, naming the host,
-    what failed, the unit and the cause from its journal. The next deploy of a good release
-    succeeds and tasks travel again."""
-    tag_broken_release(own_app.root, tag)
+#: Each broken release, the unit that fails and the cause its journal must show.
+FAILURES = [
+    ("v2-web-import-error", "gunicorn", "ModuleNotFoundError: No module named 'acme_missing_module'"),
+    ("v2-worker-exits-at-start", "worker", "acme worker: ACME_WORKER_TOKEN is not set"),
+]
+
+
+def test_a_release_that_does_not_work_fails_the_deploy_naming_the_host_unit_and_cause(own_app: Cluster):
+    """The health gate: a release whose ASGI module cannot be imported, then one whose worker
+    exits at start, deploys without an error of its own; the deploy fails all the same, naming
+    the host, what failed, the unit and the cause from its journal. The next deploy of a good
+    release succeeds and tasks travel again."""
     host = own_app.one("web")
     try:
-        run = own_app.deploy(
-            "--data", f"app_git_ref={tag}", "--data", f"app_health_timeout_seconds={GATE_TIMEOUT_SECONDS}"
-        )
-        assert run.returncode != 0, "the deploy passed with an application that does not work"
-        failure = run.output.split("the health gate")[-1]
-        said = f"[{host.address}] {host.address}: the application does not work after this deploy"
-        assert said in run.output, run.output[-4000:]
-        assert f"The exceptions in {APP}-{unit}.service's journal" in failure, failure[-4000:]
-        assert cause in failure, failure[-4000:]
+        for tag, unit, cause in FAILURES:
+            tag_broken_release(own_app.root, tag)
+            run = own_app.deploy(
+                "--data", f"app_git_ref={tag}", "--data", f"app_health_timeout_seconds={GATE_TIMEOUT_SECONDS}"
+            )
+            assert run.returncode != 0, f"{tag}: the deploy passed with an application that does not work"
+            failure = run.output.split("the health gate")[-1]
+            said = f"[{host.address}] {host.address}: the application does not work after this deploy"
+            assert said in run.output, run.output[-4000:]
+            assert f"The exceptions in {APP}-{unit}.service's journal" in failure, failure[-4000:]
+            assert cause in failure, failure[-4000:]
     finally:
         restore = own_app.deploy()
     assert restore.returncode == 0, restore.output[-6000:]

@@ -9,8 +9,8 @@ after every run (docs/deploy.md, The health gate) and as an operator may ask any
 Each check is tried again, once a second, until all pass or the timeout ends. With ``--settle``
 (the deploy passes it when this run started, restarted or reloaded a unit here), the checks must
 still pass that many seconds later with no unit's main process replaced: a service that comes up
-and then dies, or a Gunicorn whose new workers fail to boot while the old ones still answered,
-fails the gate instead of slipping through it.
+and then dies, or a Gunicorn master that halts once its new workers fail to boot, fails the
+gate instead of slipping through it.
 
 Exit status 0 when everything passed; 1 with what failed on standard output, and a last line
 ``UNIT=<unit>`` naming the unit whose journal tells why (the wrapper prints that journal: this

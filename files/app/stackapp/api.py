@@ -45,6 +45,10 @@ class TaskRequest(BaseModel):
     child: bool = Field(False, description="The task publishes a child task (same n) and returns its id.")
     countdown: float = Field(0.0, ge=0, le=86_400, description="Seconds before the task may run.")
     poison_until: str = Field("", description="The task kills its process until this file exists.")
+    tune_process: bool = Field(
+        False,
+        description="The task also sets its CPU priority and affinity, as thread pools do, and says how that went.",
+    )
 
 
 class WorkflowRequest(BaseModel):

@@ -6,6 +6,7 @@ again gives the same answer with no other effect than one more line in the execu
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -21,15 +22,35 @@ from stackapp.celery_app import app
 CHORD_SIZE = 3
 
 
+def tune() -> dict[str, str]:
+    """Set this process's CPU priority and affinity to what they are, as thread pools and
+    native libraries do: what each call answered ("allowed", or the error's name)."""
+    calls = {
+        "nice": lambda: os.nice(0),
+        "sched_setaffinity": lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)),
+    }
+    answers = {}
+    for name, call in calls.items():
+        try:
+            call()
+            answers[name] = "allowed"
+        except OSError as error:
+            answers[name] = errno.errorcode.get(error.errno or 0, str(error))
+    return answers
+
+
 @app.task(name="stackapp.compute", bind=True)
-def compute(self, n: int, sleep: float = 0.0, child: bool = False, poison_until: str = "") -> dict:
+def compute(
+    self, n: int, sleep: float = 0.0, child: bool = False, poison_until: str = "", tune_process: bool = False
+) -> dict:
     """Sum of the squares of 0..n-1, after an optional ``sleep`` to make the task long.
 
     The caller can check the answer against the closed form (n-1)n(2n-1)/6. With ``child``,
     the task also publishes a task of its own (the same sum, as a task that calls ``.delay()``
     does) and returns its id, so the caller can follow it. With ``poison_until`` (a path), the
     task kills its own process, as an out-of-memory kill would, until that file exists: a
-    poison task, and its fix."""
+    poison task, and its fix. With ``tune_process``, the task also sets its process's CPU
+    priority and affinity (``tune``) and returns what the calls answered."""
     execution = executions.started(self.request.id)
     if poison_until and not os.path.exists(poison_until):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -39,6 +60,8 @@ def compute(self, n: int, sleep: float = 0.0, child: bool = False, poison_until:
     result = {"n": n, "answer": answer, "worker": socket.gethostname()}
     if child:
         result["child"] = compute.delay(n).id
+    if tune_process:
+        result["tuned"] = tune()
     executions.finished(execution)
     return result
 
