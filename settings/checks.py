@@ -81,6 +81,29 @@ GIT_URL = re.compile(r"(git\+)?(https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+|\
 DISTRIBUTION_SUFFIXES = (".whl", ".tar.gz", ".zip")
 
 
+#: Where a writable path may not be, and why (the units' sandbox, templates/app/sandbox.j2).
+UNWRITABLE = {
+    ("/tmp", "/var/tmp"): "each unit has its own (PrivateTmp), so the API and the worker would not share it",
+    ("/home", "/root", "/run/user"): "the sandbox hides home directories (ProtectHome)",
+    ("/boot", "/dev", "/etc", "/proc", "/run", "/sys", "/usr", "/bin", "/sbin", "/lib", "/lib64"): (
+        "it is the system's, not the application's"
+    ),
+}
+
+
+def writable_paths(values: list[str]) -> str | None:
+    for value in values:
+        if not re.fullmatch(r"(/[\w.-]+){2,}", value) or ".." in value.split("/") or "." in value.split("/"):
+            return (
+                f"holds {value!r}: each must be an absolute path below a top-level directory, without "
+                '"..", spaces or a trailing "/", e.g. /srv/uploads'
+            )
+        for roots, why in UNWRITABLE.items():
+            if any(value == root or value.startswith(f"{root}/") for root in roots):
+                return f"holds {value!r}, where the application may not write: {why}; use e.g. /srv/uploads"
+    return None
+
+
 def source_kind(value: str) -> str:
     """What ``app_source`` names: "git", "distribution" (wheel or sdist) or "directory"."""
     if GIT_URL.fullmatch(value) and not (PROJECT_DIR / Path(value).expanduser()).is_dir():
@@ -148,6 +171,14 @@ def url_path(value: str) -> str | None:
     if re.fullmatch(r"/[\w./~%!$&'()*+,;=:@?-]*", value):
         return None
     return 'must be a path on the application\'s own server starting with "/", e.g. "/healthz"'
+
+
+def metrics_path_or_empty(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"/[\w./~%!$&'()*+,;=:@-]*", value):
+        return None
+    return (
+        'must be empty or a path on the application\'s own server starting with "/", without a query, e.g. "/metrics"'
+    )
 
 
 def queue_list(value: str) -> str | None:

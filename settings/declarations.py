@@ -182,6 +182,13 @@ class Settings:
     app_system_packages: list[str] = setting(
         [], "Extra Debian packages on application hosts, e.g. build-essential, python3-dev, libpq-dev."
     )
+    app_writable_paths: list[str] = setting(
+        [],
+        "Directories the application's processes may write (uploads, caches, reports), shared by its web, "
+        "worker and beat processes; created owned by the app user, kept when removed from this list. "
+        "Everything else is read-only to them.",
+        checks.writable_paths,
+    )
     app_python: str = setting(
         "python3", "Python interpreter the venv is made with (a command on the hosts, e.g. python3.11).", checks.command
     )
@@ -222,6 +229,12 @@ class Settings:
         "Path every web host must answer with a 2xx, through its own socket, before a deploy succeeds "
         "(the health gate, docs/deploy.md); the reference app's /healthz also checks the broker and results.",
         checks.url_path,
+    )
+    app_metrics_path: str = setting(
+        "/metrics",
+        "Path of the application's Prometheus metrics on every web host, scraped by the monitoring host and "
+        "checked by the health gate (the reference app's /metrics); empty if the application exports none.",
+        checks.metrics_path_or_empty,
     )
     app_health_timeout_seconds: int = setting(
         60,
@@ -356,6 +369,12 @@ class Settings:
     redis_exporter_port: int = setting(9121, "Port of redis_exporter on the Redis host (private address).", checks.port)
     postgres_exporter_port: int = setting(
         9187, "Port of postgres_exporter on the PostgreSQL host (private address).", checks.port
+    )
+    blackbox_exporter_port: int = setting(
+        9115,
+        "Port of the blackbox exporter on the monitoring host (private address), which probes app_health_path "
+        "on every web host and through the front.",
+        checks.port,
     )
     flower_port: int = setting(
         5555, "Port of Flower (Celery's monitor and metrics) on the beat host (private address).", checks.port

@@ -260,6 +260,15 @@ def cross_problems(config: Settings) -> list[str]:
             )
         if config.app_constraints and not (PROJECT_DIR / Path(config.app_constraints).expanduser()).is_file():
             problems.append(f"app_constraints {config.app_constraints!r} is not a file on this machine")
+    home = config.app_home
+    overlapping = [
+        path for path in config.app_writable_paths if f"{path}/".startswith(f"{home}/") or home.startswith(f"{path}/")
+    ]
+    if overlapping:
+        problems.append(
+            f"app_writable_paths holds {overlapping}, which overlap app_home ({home}): the application's code "
+            "and venv live there and its processes must not rewrite them; use e.g. /srv/uploads"
+        )
     named = [*config.app_broker_url_variables, *config.app_result_backend_variables, *config.app_secret_variables]
     repeated = sorted({name for name in named if named.count(name) > 1} | (set(named) & set(config.app_environment)))
     if repeated:

@@ -14,8 +14,9 @@ A re-deploy restarts or reloads only what a change concerns: ``UNITS`` below is 
 project installed as a package (pyproject.toml, wheel, sdist) is reinstalled when its code
 changes, which restarts. Nothing restarts when nothing changed; a unit this run started is not
 restarted right after. A host that no longer has a role has that role's units stopped,
-disabled and removed (so a moved beat never runs twice). Last, the health gate
-(tasks/gate.py) fails the deploy unless the application works on the host.
+disabled and removed (so a moved beat never runs twice); so are those of an application the
+host ran under another ``app_name`` (``Applications``), before the new one starts. Last, the
+health gate (tasks/gate.py) fails the deploy unless the application works on the host.
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ UNITS = (
 )
 
 
+#: The worker's Celery node name in its unit (``%H``: the host name, as systemd and stack_check expand it).
+WORKER_NODE = "worker@%H"
+
+
+def _unit(suffix: str) -> Unit:
+    return next(unit for unit in UNITS if unit.suffix == suffix)
+
+
 def runs(node: Node, role: str) -> bool:
     """Whether ``node`` runs ``role``'s units: Flower, Celery's monitor whose /metrics
     Prometheus scrapes, runs beside beat (one host) when there is a monitoring host."""
@@ -151,6 +160,57 @@ def result_backend_url(run: Run) -> str:
     )
 
 
+class Applications(FactBase):
+    """The names of the applications whose units this host has: the units we own, which say
+    so on their first line (our unit templates). The record of what the deploy manages: it is
+    what systemd runs, also on a host deployed before this fact existed."""
+
+    def command(self) -> str:
+        return (
+            f"grep -l '^# Managed by the deploy (templates/app/' {UNIT_DIR}/*.service {UNIT_DIR}/*.socket"
+            " 2>/dev/null || true"
+        )
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    def process(self, output: list[str]) -> list[str]:
+        names = set()
+        for path in output:
+            file = path.rsplit("/", 1)[-1]
+            names |= {file.removesuffix(f"-{unit.suffix}") for unit in UNITS if file.endswith(f"-{unit.suffix}")}
+        return sorted(names)
+
+
+def _retire(previous: str, app: str) -> None:
+    """The application this host ran as ``previous`` is now ``app`` (``app_name`` changed): stop,
+    disable and remove the previous one's units before the new ones start (its socket holds the
+    web port, its beat would run a second schedule), and its tools. Its code, venv,
+    configuration and data stay where they were: the operator decides when they go."""
+    logger.warning(
+        f"{host.name}: app_name is now {app!r}: the application {previous!r} is retired (its units stopped and "
+        f"removed); kept for you to remove: /etc/{previous}, its app_dir (by default /opt/{previous}), "
+        f"/var/lib/{previous}-*, the system user {previous} and its journal"
+    )
+    removed = []
+    for unit in reversed(UNITS):  # the reverse of the start order: the socket after its service
+        name = unit.name(previous)
+        if host.get_fact(File, path=f"{UNIT_DIR}/{name}"):
+            systemd.service(
+                name=f"Stop {name}: the application is now {app}", service=name, running=False, enabled=False
+            )
+            removed.append(files.file(name=f"Remove the unit {name}", path=f"{UNIT_DIR}/{name}", present=False))
+    systemd.daemon_reload(name=f"Reload systemd after {previous}'s units were removed", _if=any_changed(*removed))
+    for tool in [*(f"/usr/local/sbin/{previous}-{tool}" for tool in TOOLS), gate.tool(previous)]:
+        files.file(name=f"Remove {tool}", path=tool, present=False)
+    files.link(
+        name=f"Remove node_exporter's link to {previous}'s count of dead Gunicorn workers",
+        path=f"{exporters.TEXTFILE_DIRECTORY}/{previous}-gunicorn.prom",
+        present=False,
+    )
+
+
 def _unchanged(*operations: OperationMeta):
     return lambda: not any(operation.did_change() for operation in operations)
 
@@ -171,9 +231,21 @@ def application(run: Run) -> None:
         create_home=False,
         ensure_home=False,  # <home> is root's (below), so the service cannot rewrite its own code
     )
+    for previous in host.get_fact(Applications):
+        if previous != app:
+            _retire(previous, app)
     files.directory(name=f"Create {home}", path=home, user="root", group=app, mode="0755")
     files.directory(name=f"Create /etc/{app}", path=f"/etc/{app}", user="root", group=app, mode="0750")
 
+    for path in config.app_writable_paths:
+        # Kept when removed from the setting: it holds the application's data.
+        files.directory(
+            name=f"Create {path}, which the application may write (app_writable_paths)",
+            path=path,
+            user=app,
+            group=app,
+            mode="0750",
+        )
     source = app_source.resolve(config)
     code = _code(config, source)
     requirements = _venv(config, source)
@@ -269,9 +341,21 @@ def application(run: Run) -> None:
     )
     if switched or pending:
         _hand_over(run)
-    gate.install(run.node, SERVICE.units(run.node), workdir(config, source))
+    gate.install(run.node, gate_subject(run.node), workdir(config, source))
     gate.passes(
         name="Check that the application works on this host (the health gate)", app=app, settle=any_changed(*started)
+    )
+
+
+def gate_subject(node: Node) -> gate.Subject:
+    """What the health gate checks on ``node``: the units it runs, by their names."""
+    app = node.config.app_name
+    web, worker = _unit("gunicorn.service"), _unit("worker.service")
+    return gate.Subject(
+        units=SERVICE.units(node),
+        web_unit=web.name(app) if runs(node, web.role) else None,
+        worker_unit=worker.name(app) if runs(node, worker.role) else None,
+        worker_node=WORKER_NODE,
     )
 
 
@@ -596,6 +680,8 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
         time_limit=config.celery_task_time_limit_seconds,
         stop_timeout=config.worker_stop_timeout,
         flower_port=config.flower_port,
+        worker_node=WORKER_NODE,
+        writable_paths=config.app_writable_paths,
     )
     written: dict[Unit, OperationMeta] = {}
     for unit in UNITS:
@@ -665,7 +751,11 @@ def _ports(node: Node) -> list[Port]:
     if node.has("web"):
         # Clients come through the front when there is one.
         clients = ("front",) if "front" in node.inventory_groups else ANYONE
-        ports.append(Port(config.web_port, "the application (Gunicorn)", clients=clients, scrapes=(Scrape("app"),)))
+        # Its liveness is probed from outside (any application); its own metrics, if it has them.
+        scrapes: tuple[Scrape, ...] = (Scrape("health", path=config.app_health_path, probe=True),)
+        if config.app_metrics_path:
+            scrapes += (Scrape("app", path=config.app_metrics_path),)
+        ports.append(Port(config.web_port, "the application (Gunicorn)", clients=clients, scrapes=scrapes))
     if runs(node, "flower"):
         ports.append(Port(config.flower_port, "Flower", scrapes=(Scrape("flower"),)))
     return ports

@@ -18,7 +18,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from tasks import render
-from tasks.service import ANYONE, Port, Run, Service, Wiring
+from tasks.service import ANYONE, Port, Run, Scrape, Service, Wiring
 
 SITE = "/etc/nginx/sites-available/stack.conf"
 
@@ -62,6 +62,14 @@ SERVICE = Service(
     groups=("front",),
     packages=lambda node: ["nginx"],
     units=lambda node: ["nginx.service"],
-    ports=lambda node: [Port(node.config.front_port, "HTTP (the public entry)", clients=ANYONE)],
+    ports=lambda node: [
+        Port(
+            node.config.front_port,
+            "HTTP (the public entry)",
+            clients=ANYONE,
+            # The application as its users reach it: through nginx, from any web host that answers.
+            scrapes=(Scrape("health", path=node.config.app_health_path, probe=True),),
+        )
+    ],
     deploy=front,
 )

@@ -3,7 +3,8 @@ The health gate: a deploy that exits 0 means the application works on every appl
 
 After the application tier's units are written and (re)started, each application host runs
 ``<app>-check`` (templates/app/check.sh.j2 around files/check/stack_check.py): its units
-active, a web host answering ``app_health_path`` with a 2xx through its own socket, a worker
+active, a web host answering ``app_health_path`` (and ``app_metrics_path``, which the monitoring
+host scrapes, when there is one) with a 2xx through its own socket, a worker
 answering a Celery ping through the broker and consuming each of its queues, all within
 ``app_health_timeout_seconds``. When this run started, restarted or reloaded a unit on the host,
 the checks must also hold ``SETTLE_SECONDS`` later with no unit's main process replaced, so a
@@ -37,6 +38,18 @@ DEADLINE_MARGIN_SECONDS = 30
 
 
 @dataclass(frozen=True)
+class Subject:
+    """What the gate checks on a host, named as the application tier names it: the host's
+    application units, its Gunicorn unit (None without the web role), its Celery worker's unit
+    (None without the workers role) and that worker's Celery node name (``%H``: the host name)."""
+
+    units: list[str]
+    web_unit: str | None
+    worker_unit: str | None
+    worker_node: str
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What ``<app>-check`` said: whether it passed, and its words."""
 
@@ -60,24 +73,31 @@ def tool(app: str) -> str:
     return f"/usr/local/sbin/{app}-check"
 
 
-def check_arguments(node: Node, units: list[str]) -> list[str]:
-    """What ``stack_check`` checks on ``node``: its application ``units``, the web's health
-    path through the socket's loopback address, the worker (``worker@%H``, as its unit names
-    it) and its queues."""
-    config, app = node.config, node.config.app_name
+def check_arguments(node: Node, subject: Subject) -> list[str]:
+    """What ``stack_check`` checks on ``node``: the ``subject``'s units, the web's health path
+    and, when a monitoring host scrapes it, its metrics path, through the socket's loopback
+    address (each named by its setting), the worker (by its node name) and its queues."""
+    config = node.config
     arguments = ["--timeout", str(config.app_health_timeout_seconds)]
-    for unit in units:
+    for unit in subject.units:
         arguments += ["--unit", unit]
-    if node.has("web"):
-        url = f"http://127.0.0.1:{config.web_port}{config.app_health_path}"
-        arguments += ["--web", url, f"{app}-gunicorn.service"]
-    if node.has("workers"):
-        arguments += ["--worker", "worker@%H", f"{app}-worker.service", config.celery_queues]
+    if subject.web_unit:
+        paths = {"app_health_path": config.app_health_path}
+        if node.monitored:  # only a monitoring host reads the metrics
+            paths["app_metrics_path"] = config.app_metrics_path
+        for setting, path in paths.items():
+            if path:
+                arguments += ["--web", f"http://127.0.0.1:{config.web_port}{path}", subject.web_unit, setting]
+    if subject.worker_unit:
+        arguments += ["--worker", subject.worker_node, subject.worker_unit, config.celery_queues]
     return arguments
 
 
-def install(node: Node, units: list[str], workdir: str) -> None:
-    """Install ``stack_check.py`` beside the deploy's other modules and ``<app>-check``."""
+def install(node: Node, subject: Subject, workdir: str) -> None:
+    """Install ``stack_check.py`` beside the deploy's other modules and ``<app>-check``.
+
+    Not one of the application's ``LIBRARIES``: no unit loads it, so a change to it restarts
+    nothing."""
     config = node.config
     app, home = config.app_name, config.app_home
     files.put(
@@ -97,7 +117,7 @@ def install(node: Node, units: list[str], workdir: str) -> None:
             home=home,
             workdir=workdir,
             deadline=deadline,
-            arguments=" ".join(shlex.quote(argument) for argument in check_arguments(node, units)),
+            arguments=" ".join(shlex.quote(argument) for argument in check_arguments(node, subject)),
         ),
         dest=tool(app),
         mode="0755",

@@ -137,13 +137,14 @@ def prometheus_file(run: Run) -> StringIO:
         scrape_interval=config.prometheus_scrape_interval,
         evaluation_interval=config.prometheus_evaluation_interval,
         alertmanager=f"{run.node.address}:{config.alertmanager_port}",
+        blackbox=f"{run.node.address}:{config.blackbox_exporter_port}",
         jobs=run.wiring.scrape_jobs(),
     )
 
 
 @deploy("Monitoring")
 def monitoring_server(run: Run) -> None:
-    """Prometheus and Alertmanager on this (monitoring) host."""
+    """Prometheus, Alertmanager and the blackbox exporter on this (monitoring) host."""
     config, secrets, address = run.node.config, run.secrets, run.node.address
     prometheus, alertmanager = f"{address}:{config.prometheus_port}", f"{address}:{config.alertmanager_port}"
     context = rules_context(config, workers=len(run.wiring.hosts("workers")), queues=run.wiring.queues())
@@ -195,17 +196,30 @@ def monitoring_server(run: Run) -> None:
         checks=[f"amtool check-config {STAGE}/alertmanager.yml"],
         mode="0640",
     )
+    # Debian's blackbox.yml (its http_2xx module) as it is: only where it listens is ours.
+    flags = defaults_file(
+        "the blackbox exporter",
+        "prometheus-blackbox-exporter",
+        'ARGS="--config.file /etc/prometheus/blackbox.yml '
+        f'--web.listen-address={address}:{config.blackbox_exporter_port}"\n',
+    )
+    packaged_service("the blackbox exporter", "prometheus-blackbox-exporter", [flags])
 
 
 SERVICE = Service(
     name="monitoring",
     groups=("monitoring",),
     single=True,
-    packages=lambda node: ["prometheus", "prometheus-alertmanager"],
-    units=lambda node: ["prometheus.service", "prometheus-alertmanager.service"],
+    packages=lambda node: ["prometheus", "prometheus-alertmanager", "prometheus-blackbox-exporter"],
+    units=lambda node: [
+        "prometheus.service",
+        "prometheus-alertmanager.service",
+        "prometheus-blackbox-exporter.service",
+    ],
     ports=lambda node: [
         Port(node.config.prometheus_port, "Prometheus", scrapes=(Scrape("prometheus"),)),
         Port(node.config.alertmanager_port, "Alertmanager", scrapes=(Scrape("alertmanager"),)),
+        Port(node.config.blackbox_exporter_port, "the blackbox exporter", scrapes=(Scrape("blackbox"),)),
     ],
     deploy=monitoring_server,
 )

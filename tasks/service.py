@@ -48,11 +48,14 @@ class Node:
 
 @dataclass(frozen=True)
 class Scrape:
-    """A Prometheus scrape job served on a port."""
+    """A Prometheus scrape job served on a port; with ``probe``, a probe of ``path`` on that
+    port instead, made by the monitoring host's blackbox exporter (an HTTP GET that must answer
+    a 2xx), for a service that serves no metrics of its own."""
 
     job: str
     path: str | None = None
     params: dict[str, list[str]] | None = None
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,15 +154,18 @@ class Wiring:
         return rules
 
     def scrape_jobs(self) -> list[dict]:
-        """Prometheus' scrape jobs: every port of every host that declares one, by job."""
+        """Prometheus' scrape jobs: every port of every host that declares one, by job (a probe's
+        targets are the URLs the blackbox exporter gets)."""
         jobs: dict[str, dict] = {}
         for node in self.nodes:
             for port in self.ports(node):
                 for scrape in port.scrapes:
                     job = jobs.setdefault(
-                        scrape.job, dict(name=scrape.job, path=scrape.path, params=scrape.params, targets=[])
+                        scrape.job,
+                        dict(name=scrape.job, path=scrape.path, params=scrape.params, probe=scrape.probe, targets=[]),
                     )
-                    job["targets"].append((f"{node.address}:{port.number}", node.name))
+                    address = f"{node.address}:{port.number}"
+                    job["targets"].append((f"http://{address}{scrape.path}" if scrape.probe else address, node.name))
         return list(jobs.values())
 
 

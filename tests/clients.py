@@ -217,6 +217,15 @@ def scraped_everywhere(cluster: Cluster) -> bool:
     )
 
 
+def firing_alerts(cluster: Cluster) -> list[str]:
+    """The alerts Prometheus fires now but the watchdog, each with its labels."""
+    return sorted(
+        f"{alert['labels']['alertname']} {alert['labels']}"
+        for alert in prometheus_api(cluster, "alerts")["alerts"]
+        if alert["state"] == "firing" and alert["labels"]["alertname"] != "Watchdog"
+    )
+
+
 def gunicorn_workers_died(web: Host) -> float:
     """The count of Gunicorn workers that died, as node_exporter serves it on ``web`` (read
     from this machine, an admin source of the bench's firewall)."""

@@ -193,20 +193,13 @@ def test_a_code_change_whose_asgi_module_fails_to_import_fails_the_deploy(deploy
     try:
         run = deployed.deploy("--data", f"app_source={source}", "--data", "app_health_timeout_seconds=20")
         assert run.returncode != 0, "the deploy passed with an ASGI module that cannot be imported"
-        failure = run.output.split("the health gate")[-1]
+        failure = run.gate_failure
         assert f"The exceptions in {APP}-gunicorn.service's journal" in failure, failure[-4000:]
         assert "No module named 'stackapp_missing_module'" in failure, failure[-4000:]
     finally:
         restore = deployed.deploy()  # back to the shipped code, for the tests that follow
     assert restore.returncode == 0, restore.output[-6000:]
     check_task_end_to_end(deployed)
-
-
-def changed_operations(output: str) -> list[str]:
-    """The operations that changed something, read from pyinfra's text output (a failed run
-    prints no JSON)."""
-    blocks = output.split("--> Starting operation: ")[1:]
-    return [block.splitlines()[0].strip() for block in blocks if "] Success" in block]
 
 
 @pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
@@ -225,11 +218,47 @@ def test_a_rerun_that_changes_nothing_still_fails_while_a_worker_does_not_answer
         host.exec(f"kill -CONT {pid}")
         restore = deployed.deploy()  # the default timeout again, for the tests that follow
     assert run.returncode != 0, "the deploy passed while the worker answered nothing"
-    assert changed_operations(run.output) == [tool], run.output[-4000:]
-    failure = run.output.split("the health gate")[-1]
+    assert run.changed_in_text == [tool], run.output[-4000:]
+    failure = run.gate_failure
     assert f"the Celery worker worker@{host.name} did not answer a ping" in failure, failure[-4000:]
     assert f"The exceptions in {APP}-worker.service's journal" in failure, failure[-4000:]
     assert restore.returncode == 0 and restore.changed == [f"{tool} @ {host.address}"], restore.output[-4000:]
+
+
+def unit_files(host, app: str) -> list[str]:
+    listed = host.exec(f"systemctl list-unit-files --no-legend '{app}-*'", check=False)  # exits 1 for none
+    return sorted(line.split()[0] for line in listed.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
+def test_a_renamed_application_retires_the_previous_one_before_it_starts(deployed: Cluster):
+    """Changing ``app_name`` stops, disables and removes the previous application's units and
+    tools before the new one's start (its socket held the web port, its beat would run a second
+    schedule), and keeps its files; the renamed application serves and runs tasks, and a
+    re-run changes nothing. Renaming it back retires the renamed one the same way."""
+    host, renamed = deployed.one("web"), "renamed"
+    suffixes = ["beat.service", "flower.service", "gunicorn.service", "gunicorn.socket", "worker.service"]
+    try:
+        run = deployed.deploy("--data", f"app_name={renamed}")
+        assert run.returncode == 0, run.output[-6000:]
+        assert f"app_name is now '{renamed}': the application '{APP}' is retired" in run.output
+        assert unit_files(host, APP) == [], "the previous application's units are still installed"
+        assert unit_files(host, renamed) == [f"{renamed}-{suffix}" for suffix in suffixes]
+        assert (
+            host.status(f"test -d /etc/{APP} && test -d /opt/{APP}/venv && ! test -e /usr/local/sbin/{APP}-check") == 0
+        )
+        check_task_end_to_end(deployed)
+        again = deployed.deploy("--data", f"app_name={renamed}")
+        assert again.returncode == 0 and again.changed == [], again.changed
+    finally:
+        restore = deployed.deploy()
+        host.exec(
+            f"userdel {renamed}; rm -rf /etc/{renamed} /opt/{renamed} /var/lib/{renamed}-* /var/lib/private/{renamed}-*",
+            check=False,
+        )
+    assert restore.returncode == 0, restore.output[-6000:]
+    assert unit_files(host, renamed) == []
+    check_task_end_to_end(deployed)
 
 
 def test_repeated_graceful_reloads_under_load_fail_no_request(deployed: Cluster):

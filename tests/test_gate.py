@@ -28,23 +28,36 @@ stack_check = importlib.util.module_from_spec(_spec)
 sys.modules["stack_check"] = stack_check  # its dataclass looks its module up
 _spec.loader.exec_module(stack_check)
 
-ALL_IN_ONE = ("web", "workers", "beat")
+ALL_IN_ONE = ("web", "workers", "beat", "monitoring")
 
 
-def checks_of(groups: tuple[str, ...], **config) -> list[str]:
-    _, node = registry.example(groups, ALL_IN_ONE, ("Debian", 13), **config)
-    return gate.check_arguments(node, app.SERVICE.units(node))
+def checks_of(groups: tuple[str, ...], present: tuple[str, ...] = ALL_IN_ONE, **config) -> list[str]:
+    _, node = registry.example(groups, present, ("Debian", 13), **config)
+    return gate.check_arguments(node, app.gate_subject(node))
 
 
-def test_a_web_host_checks_its_health_path_through_loopback_and_its_units():
-    arguments = checks_of(("web",), app_name="acme", web_port=8080, app_health_path="/ready?deep=1")
-    assert arguments[arguments.index("--web") + 1 :][:2] == [
-        "http://127.0.0.1:8080/ready?deep=1",
-        "acme-gunicorn.service",
+def web_checks(arguments: list[str]) -> list[list[str]]:
+    return [arguments[i + 1 : i + 4] for i, argument in enumerate(arguments) if argument == "--web"]
+
+
+def test_a_web_host_checks_its_health_and_metrics_paths_through_loopback_and_its_units():
+    arguments = checks_of(
+        ("web",), app_name="acme", web_port=8080, app_health_path="/ready?deep=1", app_metrics_path="/prom"
+    )
+    assert web_checks(arguments) == [
+        ["http://127.0.0.1:8080/ready?deep=1", "acme-gunicorn.service", "app_health_path"],
+        ["http://127.0.0.1:8080/prom", "acme-gunicorn.service", "app_metrics_path"],
     ]
     assert "--worker" not in arguments
     units = [arguments[i + 1] for i, argument in enumerate(arguments) if argument == "--unit"]
     assert units == ["acme-gunicorn.socket", "acme-gunicorn.service"]
+
+
+def test_the_metrics_path_is_checked_only_when_set_and_scraped():
+    without_metrics = checks_of(("web",), app_metrics_path="")
+    unmonitored = checks_of(("web",), present=("web", "workers", "beat"))
+    for arguments in (without_metrics, unmonitored):
+        assert [check[2] for check in web_checks(arguments)] == ["app_health_path"]
 
 
 def test_a_worker_host_pings_its_worker_by_the_units_node_name_and_checks_its_queues():
@@ -108,23 +121,34 @@ def run_check(capsys, *argv: str) -> tuple[int, list[str]]:
 
 
 def test_a_2xx_passes(server, capsys):
-    status, said = run_check(capsys, "--timeout", "1", "--web", f"{server}/ok", "app-gunicorn.service")
+    status, said = run_check(
+        capsys, "--timeout", "1", "--web", f"{server}/ok", "app-gunicorn.service", "app_health_path"
+    )
     assert status == 0 and said[0].startswith("healthy"), said
 
 
 def test_an_error_answer_fails_naming_the_answer_and_the_unit(server, capsys):
     started = time.monotonic()
-    status, said = run_check(capsys, "--timeout", "1.5", "--web", f"{server}/broken", "app-gunicorn.service")
+    status, said = run_check(
+        capsys, "--timeout", "1.5", "--web", f"{server}/broken", "app-gunicorn.service", "app_health_path"
+    )
     assert status == 1
-    assert said == [f"{server}/broken answered 500 Internal Server Error", "UNIT=app-gunicorn.service"]
+    assert said == [
+        f"{server}/broken (app_health_path) answered 500 Internal Server Error",
+        "UNIT=app-gunicorn.service",
+    ]
     assert time.monotonic() - started >= 1.5  # tried until its timeout
 
 
 def test_a_web_that_comes_up_within_the_timeout_passes(server, capsys):
-    status, said = run_check(capsys, "--timeout", "10", "--web", f"{server}/late", "app-gunicorn.service")
+    status, said = run_check(
+        capsys, "--timeout", "10", "--web", f"{server}/late", "app-gunicorn.service", "app_health_path"
+    )
     assert status == 0, said
 
 
 def test_nothing_listening_fails(capsys):
-    status, said = run_check(capsys, "--timeout", "0", "--web", "http://127.0.0.1:9/", "app-gunicorn.service")
+    status, said = run_check(
+        capsys, "--timeout", "0", "--web", "http://127.0.0.1:9/", "app-gunicorn.service", "app_health_path"
+    )
     assert status == 1 and "did not answer" in said[0] and said[1] == "UNIT=app-gunicorn.service"

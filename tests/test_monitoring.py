@@ -19,6 +19,7 @@ from clients import (
     APP,
     MANAGED_UNITS,
     REPORT,
+    firing_alerts,
     kill_9_until_restarted,
     prometheus_api,
     query,
@@ -31,9 +32,21 @@ from clients import (
 pytestmark = pytest.mark.bench
 
 #: Scrape jobs of a topology with every role: Prometheus itself, Alertmanager and the exporters.
-JOBS = {"prometheus", "alertmanager", "node", "redis", "postgres", "rabbitmq", "rabbitmq-queues", "flower", "app"}
+JOBS = {
+    "prometheus",
+    "alertmanager",
+    "blackbox",
+    "node",
+    "redis",
+    "postgres",
+    "rabbitmq",
+    "rabbitmq-queues",
+    "flower",
+    "app",
+    "health",
+}
 #: Ports of the monitoring stack: none may listen on a wildcard address.
-MONITORING_PORTS = {9090, 9093, 9094, 9100, 9121, 9187, 5555}
+MONITORING_PORTS = {9090, 9093, 9094, 9100, 9115, 9121, 9187, 5555}
 
 
 def test_prometheus_scrapes_every_exporter_of_the_inventory_and_each_is_up(deployed: Cluster):
@@ -70,6 +83,8 @@ def test_metrics_of_every_component_arrive(deployed: Cluster):
         "sum(stackapp_http_requests_total) > 0": None,
         # Gunicorn's masters count their dead workers into node_exporter's textfile directory.
         "count(stack_gunicorn_workers_died_total)": len(deployed.by_group("web")),
+        # The blackbox exporter gets app_health_path from every web host and through the front.
+        'count(probe_success{job="health"} == 1)': len(deployed.by_group("web")) + len(deployed.by_group("front")),
     }
     for expression, expected in expectations.items():
 
@@ -93,15 +108,8 @@ def test_metrics_of_every_component_arrive(deployed: Cluster):
 
 
 def test_a_healthy_stack_fires_nothing_but_the_watchdog(deployed: Cluster):
-    def firing():
-        return sorted(
-            f"{alert['labels']['alertname']} {alert['labels']}"
-            for alert in prometheus_api(deployed, "alerts")["alerts"]
-            if alert["state"] == "firing" and alert["labels"]["alertname"] != "Watchdog"
-        )
-
     # Right after the deploy, units restarted by it may still be settling: wait for quiet.
-    wait_until(lambda: firing() == [], timeout=90)
+    wait_until(lambda: firing_alerts(deployed) == [], timeout=90)
     names = [
         alert["labels"]["alertname"]
         for alert in prometheus_api(deployed, "alerts")["alerts"]

@@ -23,13 +23,23 @@ import hashlib
 import json
 import secrets as random_secrets
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from bench import PROJECT_DIR, Cluster, git
-from clients import check_task_end_to_end, web_url, worker_conf
+from clients import (
+    check_task_end_to_end,
+    firing_alerts,
+    query,
+    scraped_everywhere,
+    targets,
+    wait_until,
+    web_url,
+    worker_conf,
+)
 
 pytestmark = pytest.mark.bench
 
@@ -152,6 +162,7 @@ SETTINGS = dict(
     app_workdir="deploy",
     asgi_app="acme_jobs.web.service:api",
     app_health_path="/",  # no /healthz: its index reads a template relative to app_workdir
+    app_metrics_path="",  # it exports no metrics
     celery_app="acme_jobs.queueing:queue",
     app_broker_url_variables="ACME_QUEUE_URL",
     app_result_backend_variables="ACME_RESULTS_DSN",
@@ -167,7 +178,7 @@ def own_app(converge, tmp_path_factory) -> Cluster:
     root = generate(tmp_path_factory.mktemp("acme-repository"))
     group_data = tmp_path_factory.mktemp("acme-group-data")
     (group_data / "acme_workers.py").write_text('celery_queues = "acme,celery"\ncelery_concurrency = 3\n')
-    topology = {"acme": ["redis", "postgres", "web", "workers", "beat", "acme_workers"]}
+    topology = {"acme": ["redis", "postgres", "web", "workers", "beat", "acme_workers", "monitoring"]}
     with converge(
         "own-app",
         topology,
@@ -188,6 +199,44 @@ def test_deploys_and_redeploys_without_changes(own_app: Cluster):
     assert fresh.returncode == 0, fresh.output[-6000:]
     again = own_app.runs[1]
     assert again.returncode == 0 and again.changed == [], again.changed
+
+
+def test_an_application_without_metrics_is_monitored_without_a_false_alert(own_app: Cluster):
+    """The app exports no metrics (``app_metrics_path`` empty): Prometheus does not scrape its
+    web host (it used to scrape /metrics, get a 404 and fire InstanceDown for as long as the
+    app ran), every other target is up, Flower counts the worker online through the Redis
+    broker, and the healthy stack fires nothing but the watchdog."""
+    wait_until(lambda: scraped_everywhere(own_app), timeout=90)
+    jobs = {target["labels"]["job"] for target in targets(own_app)}
+    assert "app" not in jobs and "flower" in jobs, jobs
+    wait_until(lambda: query(own_app, "count(flower_worker_online == 1) == 1"), timeout=60)
+    wait_until(lambda: firing_alerts(own_app) == [], timeout=90)
+
+
+def test_a_web_that_hangs_is_told_although_the_application_exports_no_metrics(own_app: Cluster):
+    """Gunicorn's master and workers stopped (SIGSTOP): the unit stays active and the socket
+    accepts, so systemd sees nothing and there are no metrics to miss; the blackbox probe of
+    ``app_health_path`` fails and AppNotAnswering reaches the receiver. Once they run again it
+    is resolved."""
+    receiver, host, unit = own_app.receiver, own_app.one("web"), f"{APP}-gunicorn.service"
+    wait_until(lambda: query(own_app, 'probe_success{job="health"} == 1'), timeout=60)
+    stopped = time.monotonic()
+    host.exec(f"systemctl kill --signal=SIGSTOP {unit}")
+    try:
+        fired = wait_until(lambda: receiver.firing("AppNotAnswering", stopped), timeout=120, interval=0.5)
+    finally:
+        resumed = time.monotonic()
+        host.exec(f"systemctl kill --signal=SIGCONT {unit}")
+    assert fired[0][1]["labels"]["instance"] == f"http://{host.address}:8000/", fired
+    wait_until(
+        lambda: [
+            alert
+            for _, alert in receiver.alerts(resumed)
+            if alert["status"] == "resolved" and alert["labels"]["alertname"] == "AppNotAnswering"
+        ],
+        timeout=120,
+        interval=0.5,
+    )
 
 
 def test_task_travels_end_to_end_on_the_apps_own_queue(own_app: Cluster):
@@ -294,29 +343,32 @@ def tag_broken_release(root: Path, tag: str) -> None:
     git("checkout", "--quiet", "v1", cwd=root)
 
 
-#: Each broken release, the unit that fails and the cause its journal must show.
+#: Each release that does not work (a tag, with settings), the unit that fails and the cause
+#: the gate names: two broken tags, and v1 said to export metrics it does not.
 FAILURES = [
-    ("v2-web-import-error", "gunicorn", "ModuleNotFoundError: No module named 'acme_missing_module'"),
-    ("v2-worker-exits-at-start", "worker", "acme worker: ACME_WORKER_TOKEN is not set"),
+    ("v2-web-import-error", [], "gunicorn", "ModuleNotFoundError: No module named 'acme_missing_module'"),
+    ("v2-worker-exits-at-start", [], "worker", "acme worker: ACME_WORKER_TOKEN is not set"),
+    ("v1", ["app_metrics_path=/metrics"], "gunicorn", "/metrics (app_metrics_path) answered 404 Not Found"),
 ]
 
 
 def test_a_release_that_does_not_work_fails_the_deploy_naming_the_host_unit_and_cause(own_app: Cluster):
-    """The health gate: a release whose ASGI module cannot be imported, then one whose worker
-    exits at start, deploys without an error of its own; the deploy fails all the same, naming
-    the host, what failed, the unit and the cause from its journal. The next deploy of a good
-    release succeeds and tasks travel again."""
+    """The health gate: a release whose ASGI module cannot be imported, one whose worker exits
+    at start, and one whose metrics path (scraped by the monitoring host) answers 404 each
+    deploy without an error of their own; the deploy fails all the same, naming the host, what
+    failed, the unit and the cause. The next deploy of a good release succeeds and tasks travel
+    again."""
     host = own_app.one("web")
     try:
-        for tag, unit, cause in FAILURES:
-            tag_broken_release(own_app.root, tag)
-            run = own_app.deploy(
-                "--data", f"app_git_ref={tag}", "--data", f"app_health_timeout_seconds={GATE_TIMEOUT_SECONDS}"
-            )
-            assert run.returncode != 0, f"{tag}: the deploy passed with an application that does not work"
-            failure = run.output.split("the health gate")[-1]
+        for tag, data, unit, cause in FAILURES:
+            if tag in BROKEN:
+                tag_broken_release(own_app.root, tag)
+            settings = [f"app_git_ref={tag}", f"app_health_timeout_seconds={GATE_TIMEOUT_SECONDS}", *data]
+            run = own_app.deploy(*[part for setting in settings for part in ("--data", setting)])
+            assert run.returncode != 0, f"{tag} {data}: the deploy passed with an application that does not work"
+            failure = run.gate_failure
             said = f"[{host.address}] {host.address}: the application does not work after this deploy"
-            assert said in run.output, run.output[-4000:]
+            assert failure and said in run.output, run.output[-4000:]
             assert f"The exceptions in {APP}-{unit}.service's journal" in failure, failure[-4000:]
             assert cause in failure, failure[-4000:]
     finally:

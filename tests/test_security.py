@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from bench import LABEL, Cluster
+from bench.topologies import WRITABLE_PATH
 from clients import APP, REPORT, task_result, web_url
 
 pytestmark = pytest.mark.bench
@@ -61,6 +62,27 @@ def test_a_task_that_sets_its_priority_and_affinity_gets_an_error_from_the_sandb
     body = task_result(web, response.json()["id"])
     assert (body["state"], body["executions"]) == ("SUCCESS", 1), body
     assert body["result"]["tuned"] == {"nice": "EPERM", "sched_setaffinity": "EPERM"}, body
+
+
+def test_the_application_writes_into_its_writable_paths_and_nowhere_else(deployed: Cluster):
+    """A task writes into the directory of ``app_writable_paths`` (created owned by the app
+    user), and fails with EROFS in a directory the app user owns that the setting does not
+    list: the sandbox, not file permissions, is what keeps the rest of the system read-only."""
+    web, worker = deployed.one("web"), deployed.one("workers")
+    unlisted = f"/srv/{APP}-unlisted"
+    worker.exec(f"install -d -o {APP} -g {APP} -m 0750 {unlisted}")
+    try:
+        directories = [WRITABLE_PATH, unlisted, f"/opt/{APP}"]
+        response = requests.post(web_url(web, "/tasks"), json={"n": 10, "write_into": directories}, timeout=15)
+        assert response.status_code == 202, response.text
+        task = response.json()["id"]
+        body = task_result(web, task)
+        assert body["state"] == "SUCCESS", body
+        assert body["result"]["written"] == {WRITABLE_PATH: "written", unlisted: "EROFS", f"/opt/{APP}": "EROFS"}, body
+        owner = worker.exec(f"stat -c '%U:%G %a' {WRITABLE_PATH} {WRITABLE_PATH}/{task}").split("\n")
+        assert owner[:2] == [f"{APP}:{APP} 750", f"{APP}:{APP} 600"], owner
+    finally:
+        worker.exec(f"rm -rf {unlisted} {WRITABLE_PATH}/*")
 
 
 #: Listeners on every address: sshd (how pyinfra reaches the host), nginx on the front (the

@@ -53,6 +53,18 @@ def test_good_input_passes_and_defaults_apply():
         ),
         ({"app_source": "dist/acme-1.0-py3-none-any.whl"}, "app_source must be a directory or a wheel/sdist file"),
         ({"app_workdir": "../elsewhere"}, "app_workdir must be a path inside the source tree"),
+        ({"app_metrics_path": "metrics"}, "app_metrics_path must be empty or a path on the application's own server"),
+        ({"app_metrics_path": "/metrics?x=1"}, "without a query"),
+        ({"app_writable_paths": ["uploads"]}, "app_writable_paths holds 'uploads': each must be an absolute path"),
+        ({"app_writable_paths": ["/srv"]}, "app_writable_paths holds '/srv': each must be an absolute path below"),
+        ({"app_writable_paths": ["/srv/a/../b"]}, "app_writable_paths holds '/srv/a/../b': each must be"),
+        ({"app_writable_paths": ["/tmp/shared"]}, "each unit has its own (PrivateTmp)"),
+        ({"app_writable_paths": ["/home/me/files"]}, "the sandbox hides home directories (ProtectHome)"),
+        (
+            {"app_writable_paths": ["/opt/stackapp/uploads"]},
+            "app_writable_paths holds ['/opt/stackapp/uploads'], which overlap app_home (/opt/stackapp)",
+        ),
+        ({"app_writable_paths": ["/opt"]}, "app_writable_paths holds '/opt': each must be"),
         ({"app_workdir": "web"}, "app_workdir 'web' is not a directory in the application's source"),
         (
             {"app_constraints": "constraints.txt"},

@@ -81,6 +81,15 @@ def reaches(tables: dict[str, dict[int, set[str]]], source: str, target: str, po
     return port not in table or source in table[port]
 
 
+def target_address(target: str) -> tuple[str, int]:
+    """Host and port of a scrape target: ``host:port``, or a probe's URL."""
+    if "://" in target:
+        url = urlsplit(target)
+        return url.hostname or "", url.port or 80
+    host, port = target.split(":")
+    return host, int(port)
+
+
 def connections(runs_by_address: dict[str, Run]) -> list[tuple[str, str, int, str]]:
     """(source, target, port, why) of every connection the rendered configurations make."""
     made = []
@@ -88,10 +97,12 @@ def connections(runs_by_address: dict[str, Run]) -> list[tuple[str, str, int, st
         if run.node.has("monitoring"):
             config = yaml.safe_load(monitoring.prometheus_file(run).getvalue())
             for job in config["scrape_configs"]:
+                why = f"scrape job {job['job_name']}"
                 for static in job["static_configs"]:
-                    made += [
-                        (address, *target.split(":"), f"scrape job {job['job_name']}") for target in static["targets"]
-                    ]
+                    made += [(address, *target_address(target), why) for target in static["targets"]]
+                for relabel in job.get("relabel_configs", []):  # a probe: Prometheus asks the blackbox exporter
+                    if relabel["target_label"] == "__address__":
+                        made.append((address, *relabel["replacement"].split(":"), f"{why}'s prober"))
             for manager in config["alerting"]["alertmanagers"]:
                 made += [
                     (address, *target.split(":"), "Alertmanager") for target in manager["static_configs"][0]["targets"]
@@ -114,7 +125,8 @@ def test_every_connection_a_configuration_makes_is_let_through_by_the_firewall(n
     tables = {address: firewall_of(run) for address, run in runs_by_address.items()}
     made = connections(runs_by_address)
     jobs = {why for *_, why in made if why.startswith("scrape job")}
-    assert {f"scrape job {job}" for job in ("node", "app", "flower", "prometheus", "alertmanager")} <= jobs, jobs
+    expected = ("node", "app", "health", "blackbox", "flower", "prometheus", "alertmanager")
+    assert {f"scrape job {job}" for job in expected} <= jobs, jobs
     blocked = [connection for connection in made if not reaches(tables, *connection[:3])]
     assert blocked == [], f"connections the firewall drops: {blocked}"
 

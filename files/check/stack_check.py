@@ -3,7 +3,8 @@
 after every run (docs/deploy.md, The health gate) and as an operator may ask any time:
 
 - every unit of the application this host runs is active;
-- a web host answers ``app_health_path`` with a 2xx through its own socket;
+- a web host answers ``app_health_path`` and, when a monitoring host scrapes it and it is set,
+  ``app_metrics_path`` with a 2xx through its own socket;
 - a worker host's Celery worker answers a ping through the broker and consumes each of its queues.
 
 Each check is tried again, once a second, until all pass or the timeout ends. With ``--settle``
@@ -17,7 +18,7 @@ Exit status 0 when everything passed; 1 with what failed on standard output, and
 script runs as the application's user, who may not read it).
 
 Usage (by the wrapper, ``/usr/local/sbin/<app>-check``, which passes what this host runs):
-    python -m stack_check [--timeout S] [--settle S] [--unit U ...] [--web URL UNIT]
+    python -m stack_check [--timeout S] [--settle S] [--unit U ...] [--web URL UNIT SETTING]
                           [--worker NAME UNIT QUEUES]
 NAME is the worker's node name; %H in it is this host's name, as in the unit's --hostname.
 """
@@ -62,16 +63,16 @@ def inactive_unit(units: list[str]) -> Failure | None:
     return None
 
 
-def web_failure(url: str, unit: str) -> Failure | None:
-    """None when ``url`` answers a 2xx (redirects followed)."""
+def web_failure(url: str, unit: str, setting: str) -> Failure | None:
+    """None when ``url`` (the path of ``setting``) answers a 2xx (redirects followed)."""
     try:
         with urllib.request.urlopen(url, timeout=ATTEMPT_SECONDS) as response:
             status = response.status
     except urllib.error.HTTPError as error:
-        return Failure(unit, f"{url} answered {error.code} {error.reason}")
+        return Failure(unit, f"{url} ({setting}) answered {error.code} {error.reason}")
     except OSError as error:
-        return Failure(unit, f"{url} did not answer: {error}")
-    return None if 200 <= status < 300 else Failure(unit, f"{url} answered {status}")
+        return Failure(unit, f"{url} ({setting}) did not answer: {error}")
+    return None if 200 <= status < 300 else Failure(unit, f"{url} ({setting}) answered {status}")
 
 
 def worker_failure(name: str, unit: str, queues: list[str]) -> Failure | None:
@@ -94,8 +95,8 @@ def worker_failure(name: str, unit: str, queues: list[str]) -> Failure | None:
 def attempt(options: argparse.Namespace) -> Failure | None:
     """The first check that fails, units first (an inactive unit explains the rest)."""
     failure = inactive_unit(options.unit)
-    for url, unit in options.web:
-        failure = failure or web_failure(url, unit)
+    for url, unit, setting in options.web:
+        failure = failure or web_failure(url, unit, setting)
     for name, unit, queues in options.worker:
         failure = failure or worker_failure(name.replace("%H", socket.gethostname()), unit, queues.split(","))
     return failure
@@ -126,7 +127,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--settle", type=float, default=0)
     parser.add_argument("--unit", action="append", default=[])
-    parser.add_argument("--web", nargs=2, action="append", default=[], metavar=("URL", "UNIT"))
+    parser.add_argument("--web", nargs=3, action="append", default=[], metavar=("URL", "UNIT", "SETTING"))
     parser.add_argument("--worker", nargs=3, action="append", default=[], metavar=("NAME", "UNIT", "QUEUES"))
     return parser.parse_args(argv)
 
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> int:
     failure = check(options)
     if failure is None:
         passed = [f"{len(options.unit)} units active"]
-        passed += [f"{url} answers" for url, _ in options.web]
+        passed += [f"{url} answers" for url, _, _ in options.web]
         passed += [f"the worker answers and consumes {queues}" for _, _, queues in options.worker]
         print("healthy: " + "; ".join(passed))
         return 0

@@ -166,6 +166,20 @@ class PyinfraRun:
     def output(self) -> str:
         return self.stdout + self.stderr
 
+    @property
+    def changed_in_text(self) -> list[str]:
+        """The names of the operations that changed something, read from pyinfra's text output:
+        a failed run prints no JSON, so ``changed`` cannot tell."""
+        blocks = self.output.split("--> Starting operation: ")[1:]
+        return [block.splitlines()[0].strip() for block in blocks if "] Success" in block]
+
+    @property
+    def gate_failure(self) -> str:
+        """What a failed health gate (tasks/gate.py) said: the output after its last mention,
+        empty when it did not fail."""
+        said = "the application does not work after this deploy (the health gate)"
+        return self.output.rpartition(said)[2] if said in self.output else ""
+
 
 @dataclass
 class Host:

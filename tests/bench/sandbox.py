@@ -9,15 +9,20 @@ STACK_HOSTS_FILE), its SSH key and its generated secrets file (mode 0600). A sec
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as random_secrets
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
 import requests
+
+from settings import Settings
+from tasks import registry
 
 from . import PROJECT_DIR, Cluster, ensure_base_image, host_ca_certificates
 from .topologies import TOPOLOGIES
@@ -28,6 +33,8 @@ TOPOLOGY = TOPOLOGIES["demo"]
 #: The demo has no one to alert and cannot install Grafana here: alerts are visible in
 #: Alertmanager's page, and notifications go to a port that discards them.
 DEMO_SETTINGS = {"alert_webhook_url": "http://127.0.0.1:9/the-demo-has-no-receiver", "grafana": "none"}
+#: The reference app's settings (files/app): the demo submits its task only when it is the one deployed.
+REFERENCE = Settings()
 SECRET_VARIABLES = ("STACK_REDIS_PASSWORD", "STACK_RABBITMQ_PASSWORD", "STACK_POSTGRESQL_PASSWORD")
 
 
@@ -73,9 +80,71 @@ def up() -> None:
     )
     subprocess.run(command, cwd=PROJECT_DIR, env=environment, stdin=subprocess.DEVNULL, check=True)
 
-    data, app = cluster.hosts["data"], cluster.hosts["app"]
-    secrets = _read_env(_secrets_file())
-    api = f"http://{app.address}:8000"
+    hosts = _deployed(cluster.hosts_file, command)
+    web = _in(hosts, "web")[0]
+    config = web.config
+    api = f"http://{web.address}:{config.web_port}"
+    health = _health(f"{api}{config.app_health_path}")
+    print(f"demo: GET {api}{config.app_health_path} -> {health}")
+    if _is_reference_app(config):
+        _submit_a_task(api)
+    print(f"\ndemo: up in {time.monotonic() - started:.0f}s. {_where_to_look(hosts, cluster, api)}")
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A host of the sandbox as the deploy saw it: its address, groups and settings."""
+
+    address: str
+    groups: list[str]
+    config: Settings
+
+
+def _deployed(hosts_file: Path, command: list[str]) -> list[Deployed]:
+    """The hosts and each one's settings as the deploy read them: inventory.py on the sandbox's
+    hosts file, group_data/ and the command's --data. Read by ``settings`` in a process of its
+    own: pyinfra's CLI package, which loads group data, patches the interpreter (gevent) when
+    imported."""
+    data = dict(argument.split("=", 1) for argument in command[command.index("deploy.py") + 2 :: 2])
+    reader = [sys.executable, "-m", "tests.bench.sandbox", "settings", str(hosts_file), json.dumps(data)]
+    environment = {key: value for key, value in os.environ.items() if key != "STACK_HOSTS_FILE"}
+    output = subprocess.run(reader, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True, check=True)
+    hosts = json.loads(output.stdout)
+    return [Deployed(address, groups, Settings(**values)) for address, (groups, values) in hosts.items()]
+
+
+def settings(hosts_file: str, data: str) -> None:
+    """Print ``{address: [groups, settings]}`` of every host of ``hosts_file`` (``_deployed``)."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    os.environ["STACK_HOSTS_FILE"] = hosts_file
+    with ctx_state.use(State()):
+        wiring = registry.wiring(make_inventory("inventory.py", override_data=json.loads(data), cwd=str(PROJECT_DIR)))
+    print(json.dumps({node.address: [sorted(node.groups), asdict(node.config)] for node in wiring.nodes}))
+
+
+def _in(hosts: list[Deployed], group: str) -> list[Deployed]:
+    return [host for host in hosts if group in host.groups]
+
+
+def _health(url: str) -> str:
+    """What the application's health path answers (the deploy's health gate already required a 2xx)."""
+    try:
+        response = requests.get(url, timeout=10)
+    except requests.RequestException as error:
+        return f"no answer ({error.__class__.__name__})"
+    return f"{response.status_code} {response.reason}"
+
+
+def _is_reference_app(config: Settings) -> bool:
+    """Whether the deployed application is this project's reference app (files/app), whose
+    task the demo knows how to submit."""
+    return (config.asgi_app, config.celery_app) == (REFERENCE.asgi_app, REFERENCE.celery_app)
+
+
+def _submit_a_task(api: str) -> None:
     task = requests.post(f"{api}/tasks", json={"n": 1000, "sleep": 1}, timeout=15).json()["id"]
     print(f'demo: submitted a task: POST {api}/tasks {{"n": 1000, "sleep": 1}} -> id {task}')
     body = {}
@@ -85,25 +154,46 @@ def up() -> None:
             break
         time.sleep(0.5)
     print(f"demo: GET {api}/tasks/{task} -> {body}")
-    pong = redis.Redis(host=data.address, password=secrets["STACK_REDIS_PASSWORD"], protocol=2).ping()
-    print(
-        f"""
-demo: up in {time.monotonic() - started:.0f}s. Where to look (secrets in {_secrets_file()}):
-  API docs    {api}/docs
-  Health      {api}/healthz
-  Metrics     {api}/metrics
-  Redis       redis://{data.address}:6379          PING from here: {"PONG" if pong else "no answer"}
-  RabbitMQ    amqp://celery@{data.address}:5672/celery
-  RabbitMQ    http://{data.address}:15692/metrics  (Prometheus endpoint)
-  PostgreSQL  postgresql://celeryuser@{data.address}:5432/celerydb
-  Prometheus  http://{data.address}:9090/alerts  (targets: /targets)
-  Alerts      http://{data.address}:9093  (Alertmanager; set alert_webhook_url, alert_email_to or
-              STACK_ALERT_SLACK_WEBHOOK_URL to be told; Grafana is off: its package is unobtainable here)
-  Celery      http://{app.address}:5555  (Flower)
-  Shell       docker exec -it {cluster.hosts["app"].container.name} bash   (or {cluster.hosts["data"].container.name})
-  Re-deploy   make demo        Remove      make demo-down
-"""
-    )
+
+
+def _where_to_look(hosts: list[Deployed], cluster: Cluster, api: str) -> str:
+    """The demo's closing words: every service's address, from the settings the deploy used."""
+    config = _in(hosts, "web")[0].config
+    lines = [
+        f"Where to look (secrets in {_secrets_file()}):",
+        f"  Application {api}/  (health: {api}{config.app_health_path}; FastAPI's docs: {api}/docs)",
+    ]
+    if config.app_metrics_path:
+        lines.append(f"  Metrics     {api}{config.app_metrics_path}")
+    for node in _in(hosts, "redis"):
+        password = _read_env(_secrets_file())["STACK_REDIS_PASSWORD"]
+        pong = redis.Redis(host=node.address, port=node.config.redis_port, password=password, protocol=2).ping()
+        lines.append(
+            f"  Redis       redis://{node.address}:{node.config.redis_port}  PING from here: {'PONG' if pong else 'no answer'}"
+        )
+    for node in _in(hosts, "rabbitmq"):
+        c = node.config
+        lines.append(f"  RabbitMQ    amqp://{c.rabbitmq_user}@{node.address}:{c.rabbitmq_port}/{c.rabbitmq_vhost}")
+        lines.append(f"  RabbitMQ    http://{node.address}:{c.rabbitmq_prometheus_port}/metrics  (Prometheus endpoint)")
+    for node in _in(hosts, "postgres"):
+        c = node.config
+        lines.append(
+            f"  PostgreSQL  postgresql://{c.postgresql_user}@{node.address}:{c.postgresql_port}/{c.postgresql_database}"
+        )
+    for node in _in(hosts, "monitoring"):
+        c = node.config
+        lines.append(f"  Prometheus  http://{node.address}:{c.prometheus_port}/alerts  (targets: /targets)")
+        lines.append(
+            f"  Alerts      http://{node.address}:{c.alertmanager_port}  (Alertmanager; set alert_webhook_url, "
+            "alert_email_to or\n              STACK_ALERT_SLACK_WEBHOOK_URL to be told; Grafana is off: its "
+            "package is unobtainable here)"
+        )
+        for beat in _in(hosts, "beat"):
+            lines.append(f"  Celery      http://{beat.address}:{beat.config.flower_port}  (Flower)")
+    containers = " or ".join(host.container.name for host in cluster.hosts.values())
+    lines.append(f"  Shell       docker exec -it <container> bash  ({containers})")
+    lines.append("  Re-deploy   make demo        Remove      make demo-down")
+    return "\n".join(lines) + "\n"
 
 
 def down() -> None:
@@ -114,4 +204,4 @@ def down() -> None:
 
 
 if __name__ == "__main__":
-    {"up": up, "down": down}[sys.argv[1]]()
+    {"up": up, "down": down, "settings": settings}[sys.argv[1]](*sys.argv[2:])

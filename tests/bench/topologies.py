@@ -41,6 +41,8 @@ TOPOLOGIES: dict[str, dict[str, list[str]]] = {
     # The demo (``make demo``): the split topology.
     "demo": {"data": [*DATA, "monitoring"], "app": APP},
 }
+#: The bench's app_writable_paths.
+WRITABLE_PATH = "/srv/app-files"
 #: Topologies the read-only tests share.
 SHARED = ("all-in-one", "split")
 
@@ -59,6 +61,8 @@ def bench_settings(**overrides: str) -> dict[str, str]:
         "alert_restart_window": "1m",
         "alertmanager_group_wait": "5s",
         "alertmanager_group_interval": "10s",
+        # A directory the application may write (tests/test_security.py writes into it).
+        "app_writable_paths": WRITABLE_PATH,
         # Grafana's package cannot be obtained on our machines (see tests/test_grafana.py).
         "grafana": "none",
         # The host firewall on, with this machine (the network's gateway) as the admin source

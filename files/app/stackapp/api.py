@@ -49,6 +49,11 @@ class TaskRequest(BaseModel):
         False,
         description="The task also sets its CPU priority and affinity, as thread pools do, and says how that went.",
     )
+    write_into: list[str] = Field(
+        [],
+        max_length=4,
+        description="Directories the task writes a file into (named after its id), saying how each write went.",
+    )
 
 
 class WorkflowRequest(BaseModel):

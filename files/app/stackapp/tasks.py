@@ -39,9 +39,29 @@ def tune() -> dict[str, str]:
     return answers
 
 
+def _write_into(directories: list[str], name: str) -> dict[str, str]:
+    """Write a file ``name`` (holding its name) into each directory, as an application writes
+    uploads or reports: what each write answered ("written", or the error's name)."""
+    answers = {}
+    for directory in directories:
+        try:
+            with open(os.path.join(directory, name), "w") as file:
+                file.write(name)
+            answers[directory] = "written"
+        except OSError as error:
+            answers[directory] = errno.errorcode.get(error.errno or 0, str(error))
+    return answers
+
+
 @app.task(name="stackapp.compute", bind=True)
 def compute(
-    self, n: int, sleep: float = 0.0, child: bool = False, poison_until: str = "", tune_process: bool = False
+    self,
+    n: int,
+    sleep: float = 0.0,
+    child: bool = False,
+    poison_until: str = "",
+    tune_process: bool = False,
+    write_into: list[str] | None = None,
 ) -> dict:
     """Sum of the squares of 0..n-1, after an optional ``sleep`` to make the task long.
 
@@ -50,7 +70,8 @@ def compute(
     does) and returns its id, so the caller can follow it. With ``poison_until`` (a path), the
     task kills its own process, as an out-of-memory kill would, until that file exists: a
     poison task, and its fix. With ``tune_process``, the task also sets its process's CPU
-    priority and affinity (``tune``) and returns what the calls answered."""
+    priority and affinity (``tune``) and returns what the calls answered; with ``write_into``
+    (directories), it writes a file named after its id into each and says how that went."""
     execution = executions.started(self.request.id)
     if poison_until and not os.path.exists(poison_until):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -62,6 +83,8 @@ def compute(
         result["child"] = compute.delay(n).id
     if tune_process:
         result["tuned"] = tune()
+    if write_into:
+        result["written"] = _write_into(write_into, self.request.id)
     executions.finished(execution)
     return result
 
