@@ -649,6 +649,18 @@ def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
     )
 
 
+#: The line before ``pip check``'s output in the install's log (files/pip/pip_failure.py reads it).
+PIP_CHECK_MARK = "stack-pip-check:"
+
+
+def _checked(venv: Venv) -> list[str]:
+    """``venv``'s install commands, then ``pip check``: every installed package's requirements
+    met. pip's resolver looks only at what one command installs, so a package an earlier
+    install left (pip never removes one) or a second command can break another's requirements
+    with exit status 0."""
+    return [*venv.commands, f"echo {PIP_CHECK_MARK} && {venv.path}/bin/pip check"]
+
+
 def _explained(venv: Venv) -> str:
     """``venv``'s install commands with pip's output in a log (0600: an index URL may carry a
     token) and, when they fail, a few lines that name what failed instead of pip's wall of
@@ -656,7 +668,7 @@ def _explained(venv: Venv) -> str:
     log = f"{venv.path}/pip-install.log"
     explain = (FILES_DIR / "pip" / "pip_failure.py").read_text()
     return (
-        f"install -m 0600 /dev/null {log} && {{ {' && '.join(f'( {command} )' for command in venv.commands)}; }} >> {log} 2>&1 || "
+        f"install -m 0600 /dev/null {log} && {{ {' && '.join(f'( {command} )' for command in _checked(venv))}; }} >> {log} 2>&1 || "
         f"{{ {venv.path}/bin/python - {log} {shlex.quote(venv.python)} <<'PIP_FAILURE'\n{explain}PIP_FAILURE\nexit 1; }}"
     )
 

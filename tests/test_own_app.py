@@ -305,6 +305,30 @@ def test_a_package_without_a_wheel_for_the_hosts_python_fails_the_deploy_naming_
     check_task_end_to_end(own_app, reference=False)
 
 
+def test_packages_an_earlier_deploy_left_that_a_new_one_breaks_fail_the_deploy(own_app: Cluster):
+    """pip's resolver looks only at what it installs: with Flask installed by one deploy, the
+    next one pins a Werkzeug that Flask refuses, and pip exits 0. ``pip check`` after the
+    install fails the deploy, naming the unmet requirement and the fix, before any unit
+    restarts on the broken venv."""
+    host, base = own_app.one("web"), SETTINGS["app_python_packages"]
+    venv = f"/opt/{APP}/venv"
+    try:
+        first = own_app.deploy("--data", f"app_python_packages={base},flask==2.0.3")
+        assert first.returncode == 0, first.output[-4000:]
+        run = own_app.deploy("--data", f"app_python_packages={base},werkzeug==1.0.1")
+        assert run.returncode != 0, "the deploy passed with a venv whose Flask's requirements are not met"
+        failure = run.output.split("Install the Python packages of the application into its venv")[-1]
+        assert "but pip check found some whose requirements are not met" in failure, failure[-3000:]
+        assert "flask 2.0.3 has requirement Werkzeug>=2.0, but you have werkzeug 1.0.1." in failure, failure[-3000:]
+        assert f"remove {venv} on this host and deploy again" in failure
+        assert "Restart acme-" not in failure.split("pip's whole output")[-1]
+    finally:
+        host.exec(f"{venv}/bin/pip uninstall --yes --quiet flask werkzeug itsdangerous", check=False)
+        restore = own_app.deploy()
+    assert restore.returncode == 0, restore.output[-6000:]
+    check_task_end_to_end(own_app, reference=False)
+
+
 #: Releases that do not work, each a tag of the app's repository: the files changed from v1.
 BROKEN = {
     "v2-web-import-error": {

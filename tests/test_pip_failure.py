@@ -11,6 +11,7 @@ import importlib.util
 import sys
 
 import settings
+from tasks import app
 
 SAMPLES = settings.PROJECT_DIR / "tests" / "samples"
 _spec = importlib.util.spec_from_file_location("pip_failure", settings.PROJECT_DIR / "files" / "pip" / "pip_failure.py")
@@ -55,3 +56,31 @@ def test_any_other_failure_shows_pips_own_errors(tmp_path, capsys):
     assert said.splitlines()[0].startswith("pip could not install the packages with Python")
     assert "ERROR: No matching distribution found for nosuchpackage==1.0" in said
     assert "no wheel" not in said
+
+
+def test_unmet_requirements_found_by_pip_check_are_named_with_the_fix(tmp_path, capsys):
+    """pip's resolver looks only at what it installs now: a package an earlier deploy left
+    keeps requirements the new packages break, and pip exits 0 after a warning; ``pip check``
+    (run after the install) fails, and only its lines are shown."""
+    said = explain(
+        tmp_path,
+        capsys,
+        "Successfully installed werkzeug-1.0.1\n"
+        "ERROR: pip's dependency resolver does not currently take into account all the packages that are installed.\n"
+        "flask 2.0.3 requires Werkzeug>=2.0, but you have werkzeug 1.0.1 which is incompatible.\n"
+        f"{pip_failure.PIP_CHECK_MARK}\n"
+        "flask 2.0.3 has requirement Werkzeug>=2.0, but you have werkzeug 1.0.1.\n"
+        "acme 1.0 requires redis, which is not installed.\n",
+    )
+    lines = said.splitlines()
+    assert lines[0].startswith("pip installed the packages with Python") and "pip check found" in lines[0]
+    assert lines[1:3] == [
+        "  flask 2.0.3 has requirement Werkzeug>=2.0, but you have werkzeug 1.0.1.",
+        "  acme 1.0 requires redis, which is not installed.",
+    ]
+    assert f"remove {tmp_path} on this host and deploy again" in said
+    assert "dependency resolver" not in said and "which is incompatible" not in said
+
+
+def test_the_marker_before_pip_checks_output_is_the_deploys():
+    assert pip_failure.PIP_CHECK_MARK == app.PIP_CHECK_MARK

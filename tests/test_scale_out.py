@@ -24,6 +24,7 @@ from clients import (
     expected_answer,
     prometheus_api,
     psql_from,
+    query,
     submit_task,
     task_result,
     wait_until,
@@ -76,6 +77,13 @@ def test_prometheus_reaches_every_target_of_every_host_through_the_firewalls(sca
     found = targets()
     app = {target["labels"]["instance"] for target in found if target["labels"]["job"] == "app"}
     assert app == {f"{web.address}:8000" for web in scaled.by_group("web")}
+    # The blackbox exporter gets the health path from every web host and through the front.
+    probed = {target["labels"]["instance"] for target in found if target["labels"]["job"] == "health"}
+    entries = [f"{web.address}:8000" for web in scaled.by_group("web")] + [
+        f"{scaled.one('front').address}:{FRONT_PORT}"
+    ]
+    assert probed == {f"http://{entry}/healthz" for entry in entries}, probed
+    wait_until(lambda: len(query(scaled, 'probe_success{job="health"} == 1')) == len(entries), timeout=60)
     nodes = {target["labels"]["instance"].split(":")[0] for target in found if target["labels"]["job"] == "node"}
     assert nodes == {host.address for host in scaled.hosts.values()}
 

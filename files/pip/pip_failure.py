@@ -3,11 +3,13 @@ Say in a few lines why `pip install` failed, for the deploy's error output; pip'
 stays in the log file on the host. Run by the venv's own Python after a failed install:
 ``python - LOG PYTHON_COMMAND`` (the script on standard input).
 
-The case worth naming: a pinned package with no wheel for this Python, whose build from source
+The cases worth naming: ``pip check`` (run after the install) found installed packages whose
+requirements are not met; and a pinned package with no wheel for this Python, whose build from source
 failed (no compiler, no Rust, a missing -dev package, or code that does not build on this
 Python): pip prints hundreds of lines of compiler output and the package's name far above them.
 """
 
+import os
 import re
 import sys
 
@@ -34,6 +36,12 @@ PIP_ERRORS = re.compile(r"^ERROR: ")
 BUILD_OUTPUT = re.compile(r"lines of output\]\s*$")
 END_OF_OUTPUT = "[end of output]"
 COLLECTING = re.compile(r"^Collecting (?P<name>[A-Za-z0-9._-]+)")
+#: The deploy's line before `pip check`'s output (tasks/app.py, PIP_CHECK_MARK).
+PIP_CHECK_MARK = "stack-pip-check:"
+#: What `pip check` says of a package whose requirements are not met.
+BROKEN = re.compile(
+    r"^\S+ \S+ (requires .+, which is not installed|has requirement .+, but you have .+|is not supported on this platform)\.$"
+)
 
 
 def failed_builds(lines: list[str]) -> list[str]:
@@ -74,7 +82,25 @@ def main(log: str, command: str) -> None:
     python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
     errors = [line.strip() for line in lines if PIP_ERRORS.match(line)][-3:]
     built = failed_builds(lines)
-    if built:
+    checked = lines[lines.index(PIP_CHECK_MARK) + 1 :] if PIP_CHECK_MARK in lines else []
+    broken = [line.strip() for line in checked if BROKEN.match(line.strip())]
+    if broken:
+        errors = []  # the resolver's warnings of the same conflicts, if any: pip check's say it
+        venv = os.path.dirname(os.path.abspath(log))
+        print(
+            f"pip installed the packages with {python} ({command}), but pip check found some whose requirements "
+            "are not met:",
+            file=sys.stderr,
+        )
+        for line in broken[:5]:
+            print(f"  {line}", file=sys.stderr)
+        print(
+            "Pin versions that fit together (the requirements, app_python_packages, app_constraints). A package an "
+            f"earlier deploy installed stays in the venv (pip never removes one): remove {venv} on this host and "
+            "deploy again to rebuild it.",
+            file=sys.stderr,
+        )
+    elif built:
         print(
             f"pip found no wheel of {', '.join(built)} for {python} ({command}) and could not build "
             f"{'it' if len(built) == 1 else 'them'} from source.\nPin a version that publishes wheels for "
