@@ -228,15 +228,7 @@ def test_a_web_that_hangs_is_told_although_the_application_exports_no_metrics(ow
         resumed = time.monotonic()
         host.exec(f"systemctl kill --signal=SIGCONT {unit}")
     assert fired[0][1]["labels"]["instance"] == f"http://{host.address}:8000/", fired
-    wait_until(
-        lambda: [
-            alert
-            for _, alert in receiver.alerts(resumed)
-            if alert["status"] == "resolved" and alert["labels"]["alertname"] == "AppNotAnswering"
-        ],
-        timeout=120,
-        interval=0.5,
-    )
+    wait_until(lambda: receiver.received("AppNotAnswering", "resolved", resumed), timeout=120, interval=0.5)
 
 
 def test_task_travels_end_to_end_on_the_apps_own_queue(own_app: Cluster):

@@ -39,13 +39,18 @@ class AlertReceiver:
         with self.lock:
             return [(at, alert) for at, body in self.notifications if at >= since for alert in body.get("alerts", [])]
 
-    def firing(self, alertname: str, since: float = 0.0) -> list[tuple[float, dict]]:
-        """(arrival time, alert) of each firing ``alertname`` received after ``since``."""
+    def received(self, alertname: str, status: str, since: float = 0.0) -> list[tuple[float, dict]]:
+        """(arrival time, alert) of each ``alertname`` in ``status`` ("firing" or "resolved")
+        received after ``since``."""
         return [
             (at, alert)
             for at, alert in self.alerts(since)
-            if alert["labels"]["alertname"] == alertname and alert["status"] == "firing"
+            if alert["labels"]["alertname"] == alertname and alert["status"] == status
         ]
+
+    def firing(self, alertname: str, since: float = 0.0) -> list[tuple[float, dict]]:
+        """(arrival time, alert) of each firing ``alertname`` received after ``since``."""
+        return self.received(alertname, "firing", since)
 
     def close(self) -> None:
         self.server.shutdown()
