@@ -104,6 +104,16 @@ def writable_paths(values: list[str]) -> str | None:
     return None
 
 
+def release(value: str) -> str | None:
+    if value in ("", "previous") or re.fullmatch(r"[0-9a-f]{12}", value):
+        return None
+    return 'must be empty (the release app_source builds), "previous" or a release id such as 3f2a9c1b7d04'
+
+
+def releases_kept(value: int) -> str | None:
+    return None if value >= 2 else "must be 2 or more: the running release and the one a failed gate switches back to"
+
+
 def source_kind(value: str) -> str:
     """What ``app_source`` names: "git", "distribution" (wheel or sdist) or "directory"."""
     if GIT_URL.fullmatch(value) and not (PROJECT_DIR / Path(value).expanduser()).is_dir():

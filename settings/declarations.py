@@ -242,6 +242,19 @@ class Settings:
         "a Celery ping, after a deploy, before it fails the deploy.",
         checks.positive,
     )
+    app_release: str = setting(
+        "",
+        "Which release the application hosts run: empty for the one app_source and the settings build; "
+        '"previous" to roll back to the one run before it, or a release id (ls <app_dir>/releases), '
+        "without building anything.",
+        checks.release,
+    )
+    app_releases_kept: int = setting(
+        3,
+        "Releases (code and venv) kept on each application host, the running one included: a failed health "
+        "gate or app_release=previous switches back to one of them.",
+        checks.releases_kept,
+    )
     pip_index_url: str = setting(
         "", "Python package index for the venv (a mirror); empty for pip's default.", checks.url_or_empty
     )

@@ -31,13 +31,14 @@ from urllib.parse import quote, urlsplit
 from pyinfra import host, inventory, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, FileContents, FindFiles
+from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, exporters, gate, rabbitmq, render, shipped_file
+from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, render, shipped_file
 from tasks import source as app_source
+from tasks.app_releases import Layout
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
 from tasks.source import Source
 
@@ -58,9 +59,8 @@ UNIT_DIR = "/etc/systemd/system"
 
 #: What a change is called in the names of the operations it restarts or reloads.
 CHANGES = {
-    "code": "code",
+    "release": "release",
     "gunicorn_config": "Gunicorn configuration",
-    "packages": "packages",
     "environment": "environment",
     "libraries": "deploy's modules",
     "flower_packages": "Flower packages",
@@ -93,13 +93,12 @@ UNITS = (
         "web",
         "gunicorn.service",
         "app/gunicorn.service.j2",
-        restart_on=("packages", "environment", "libraries", "socket", "unit"),
-        reload_on=("code", "gunicorn_config"),
+        # A release switch restarts it (a reload would keep the master's venv and directory).
+        restart_on=("release", "environment", "libraries", "socket", "unit"),
+        reload_on=("gunicorn_config",),
     ),
-    Unit(
-        "workers", "worker.service", "app/worker.service.j2", ("code", "packages", "environment", "libraries", "unit")
-    ),
-    Unit("beat", "beat.service", "app/beat.service.j2", ("code", "packages", "environment", "libraries", "unit")),
+    Unit("workers", "worker.service", "app/worker.service.j2", ("release", "environment", "libraries", "unit")),
+    Unit("beat", "beat.service", "app/beat.service.j2", ("release", "environment", "libraries", "unit")),
     Unit("flower", "flower.service", "app/flower.service.j2", ("flower_packages", "flower_environment", "unit")),
 )
 
@@ -234,6 +233,7 @@ def application(run: Run) -> None:
     for previous in host.get_fact(Applications):
         if previous != app:
             _retire(previous, app)
+    _create_builder(app)
     files.directory(name=f"Create {home}", path=home, user="root", group=app, mode="0755")
     files.directory(name=f"Create /etc/{app}", path=f"/etc/{app}", user="root", group=app, mode="0750")
 
@@ -247,10 +247,16 @@ def application(run: Run) -> None:
             mode="0750",
         )
     source = app_source.resolve(config)
-    code = _code(config, source)
-    requirements = _venv(config, source)
+    layout = Layout(home)
+    on_host = host.get_fact(app_releases.Releases, home=home)
+    build = _build_of(config, source, layout)
+    target = _target(config, build, on_host)
+    target_python = f"{layout.release(target)}/venv/bin/python"
+    requirements = None
+    if not on_host.built(target):
+        requirements = _build(config, source, layout, build)
     existing = existing_queue_types(run)
-    queues = queue_type(run, existing)
+    queues = queue_type(run, existing, target_python)
     if requirements is not None:
         # The venv's Celery before this install was unknown or another: check it again after.
         python.call(
@@ -258,6 +264,7 @@ def application(run: Run) -> None:
             function=_check_installed_celery,
             config=config,
             existing=existing,
+            python=target_python,
             _if=requirements.did_change,
         )
     flower = flower_environment = None
@@ -316,6 +323,7 @@ def application(run: Run) -> None:
                 f"app/{tool}.sh.j2",
                 app=app,
                 home=home,
+                venv=Layout(home).current_venv,
                 workdir=workdir(config, source),
                 broker_variable=config.app_broker_url_variables[0],
                 queues=",".join(run.wiring.queues()),
@@ -323,10 +331,14 @@ def application(run: Run) -> None:
             dest=f"/usr/local/sbin/{app}-{tool}",
             mode="0755",
         )
+    subject = gate_subject(run.node)
+    gate.install(run.node, subject, workdir(config, source))
+    if on_host.current != target:
+        gate.loads(run.node, subject, target, target_python, _workdir_of(config, source, layout.release(target)))
+    switch = _switch(layout, target, on_host, build, source)
     changes = {
-        "code": [code],
+        "release": [switch] if switch is not None else [],
         "gunicorn_config": [gunicorn_config],
-        "packages": [requirements] if requirements is not None else [],
         "environment": [environment],
         "libraries": libraries,
         "flower_packages": [flower] if flower is not None else [],
@@ -341,21 +353,27 @@ def application(run: Run) -> None:
     )
     if switched or pending:
         _hand_over(run)
-    gate.install(run.node, gate_subject(run.node), workdir(config, source))
+    previous = on_host.current if on_host.current != target and on_host.built(on_host.current or "") else None
     gate.passes(
-        name="Check that the application works on this host (the health gate)", app=app, settle=any_changed(*started)
+        name="Check that the application works on this host (the health gate)",
+        app=app,
+        settle=any_changed(*started),
+        back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
     )
+    _prune(config, layout, on_host, target, build.venv_id if target == build.release else None)
 
 
 def gate_subject(node: Node) -> gate.Subject:
     """What the health gate checks on ``node``: the units it runs, by their names."""
     app = node.config.app_name
-    web, worker = _unit("gunicorn.service"), _unit("worker.service")
+    web, worker, beat = _unit("gunicorn.service"), _unit("worker.service"), _unit("beat.service")
+    celery = next((unit.name(app) for unit in (worker, beat, web) if runs(node, unit.role)), None)
     return gate.Subject(
         units=SERVICE.units(node),
         web_unit=web.name(app) if runs(node, web.role) else None,
         worker_unit=worker.name(app) if runs(node, worker.role) else None,
         worker_node=WORKER_NODE,
+        celery_unit=celery,
     )
 
 
@@ -468,49 +486,164 @@ def existing_queue_types(run: Run) -> dict[str, str]:
     return rabbitmq.existing_queue_types(definitions, config.rabbitmq_vhost, run.wiring.queues())
 
 
-def queue_type(run: Run, existing: dict[str, str]) -> str:
+def queue_type(run: Run, existing: dict[str, str], python: str) -> str:
     """The queue type the application is told (tasks/rabbitmq.py decides, and stops the deploy
-    on a clash with the queues that exist); what its venv's Celery then lacks is printed."""
+    on a clash with the queues that exist); what the Celery of the release's venv (``python``)
+    then lacks is printed."""
     config = run.node.config
-    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=_venv_python(config))
+    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=python)
     chosen, why = rabbitmq.queue_type(config, existing, celery)
     if why:
         logger.warning(f"{host.name}: {why}")
     return chosen
 
 
-def _check_installed_celery(config: settings.Settings, existing: dict[str, str]) -> None:
-    """At run time, once the venv is installed: ``queue_type`` again with the Celery it now
-    holds, which stops the deploy before any unit restarts on a clash with the queues RabbitMQ
+def _check_installed_celery(config: settings.Settings, existing: dict[str, str], python: str) -> None:
+    """At run time, once the release's venv is installed: ``queue_type`` again with the Celery
+    it now holds, which stops the deploy before the switch on a clash with the queues RabbitMQ
     holds, or prints what that Celery lacks."""
     probe = rabbitmq.CeleryQuorumSupport()
-    _, output = host.run_shell_command(probe.command(python=_venv_python(config)))
+    _, output = host.run_shell_command(probe.command(python=python))
     _, why = rabbitmq.queue_type(config, existing, probe.process(output.stdout_lines))
     if why:
         logger.warning(f"{host.name}: {why}")
 
 
 def workdir(config: settings.Settings, source: Source) -> str:
-    """Where the application's processes run: app_workdir in the synced tree, else <home>."""
-    home = config.app_home
-    return f"{home}/src/{config.app_workdir}".rstrip("/") if source.is_tree else home
+    """Where the application's processes run: app_workdir in the current release's source
+    tree, else <home>."""
+    return _workdir_of(config, source, Layout(config.app_home).current)
 
 
-def _venv_python(config: settings.Settings) -> str:
-    return f"{config.app_home}/venv/bin/python"
+def _workdir_of(config: settings.Settings, source: Source, release: str) -> str:
+    """app_workdir in the source tree of the ``release`` directory, else <home>."""
+    return f"{release}/src/{config.app_workdir}".rstrip("/") if source.is_tree else config.app_home
 
 
-def _code(config: settings.Settings, source: Source) -> OperationMeta:
-    """Put the application's code on the host, owned by root and readable by the app: a source
-    tree synced to <home>/src, or a wheel/sdist in <home>/dist (the other one removed)."""
-    home, app = config.app_home, config.app_name
+@dataclass(frozen=True)
+class Build:
+    """The release this deploy's code and settings make: its id, its venv's id and that venv
+    (where, and what installs into it)."""
+
+    release: str
+    venv_id: str
+    venv: Venv
+
+
+def _build_of(config: settings.Settings, source: Source, layout: Layout) -> Build:
+    """The release ``source`` and ``config`` make, named by what it holds: the code's digest
+    and its venv's id, itself the digest of what the venv installs (``_packages``) and pip's
+    configuration. Nothing on a host is read: the same inputs make the same ids everywhere."""
+    code = (
+        app_source.tree_digest(source.path, config)
+        if source.is_tree
+        else hashlib.sha256(source.path.read_bytes()).hexdigest()
+    )
+    pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url).getvalue()
+    fingerprint = "\n".join([*_packages(config, source, code), pip_conf])
+    venv_id = app_releases.digest(fingerprint)
+    release = app_releases.digest(code, venv_id)
+    return Build(release, venv_id, _venv(config, source, layout.release(release), layout.venv(venv_id), fingerprint))
+
+
+def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHost) -> str:
+    """The release this host is to run: the one this deploy builds, or the one ``app_release``
+    names (``previous``: the one most recently run before the release the settings build, so a
+    rollback re-run changes nothing). SettingsError, before anything runs, for a release the
+    host does not have."""
+    wanted = config.app_release
+    if not wanted:
+        return build.release
+    chosen = on_host.previous(excluding=build.release) if wanted == "previous" else wanted
+    if chosen is None or not on_host.built(chosen):
+        have = ", ".join(sorted(r.id for r in on_host.releases.values() if r.built)) or "none"
+        raise settings.SettingsError(
+            f"host {host.name}: app_release={wanted}, but this host has no such release "
+            f"(its releases: {have}; the settings build {build.release}); unset app_release to deploy them"
+        )
+    return chosen
+
+
+def _build(config: settings.Settings, source: Source, layout: Layout, build: Build) -> OperationMeta | None:
+    """Build the release beside the running one: its code, its venv (unless a release with the
+    same packages built it), the link between them and, last, its ``.built`` mark. The venv's
+    install operation, or None when the venv was there."""
+    app, path = config.app_name, layout.release(build.release)
+    files.directory(
+        name=f"Create {layout.home}/releases", path=f"{layout.home}/releases", user="root", group=app, mode="0755"
+    )
+    files.directory(
+        name=f"Create {layout.home}/venvs", path=f"{layout.home}/venvs", user="root", group=app, mode="0755"
+    )
+    files.directory(name=f"Create the release {build.release}", path=path, user="root", group=app, mode="0755")
+    _code(config, source, path)
+    requirements = python_venv(config, build.venv)
+    files.link(
+        name=f"Link the release {build.release} to its venv {build.venv_id}",
+        path=f"{path}/venv",
+        target=build.venv.path,
+    )
+    files.file(name=f"Mark the release {build.release} complete", path=f"{path}/.built", mode="0644")
+    return requirements
+
+
+def _switch(
+    layout: Layout, target: str, on_host: app_releases.OnHost, build: Build, source: Source
+) -> OperationMeta | None:
+    """Point ``current`` at ``target`` unless it does: the operation, whose change restarts the
+    units that run the release."""
+    if on_host.current == target:
+        return None
+    what = f"built from {source.describe()}" if target == build.release else "app_release"
+    return server.shell(
+        name=f"Switch the application to the release {target} ({what})", commands=[layout.switch_command(target)]
+    )
+
+
+def _switch_back(node: Node, layout: Layout, previous: str) -> gate.SwitchBack:
+    """How the gate returns ``node`` to the release it ran before this deploy: the switch, and
+    the units a switch restarts."""
+    app = node.config.app_name
+    units = [unit.name(app) for unit in UNITS if "release" in unit.restart_on and runs(node, unit.role)]
+    return gate.SwitchBack(release=previous, command=layout.switch_command(previous), units=units)
+
+
+def _prune(
+    config: settings.Settings, layout: Layout, on_host: app_releases.OnHost, target: str, venv: str | None
+) -> None:
+    """Once the gate passed: remove the releases beyond app_releases_kept and the venvs no kept
+    release uses (``OnHost.unwanted``), and what a deploy before releases left in <home>."""
+    kept = config.app_releases_kept
+    target_venv = venv if venv is not None else on_host.releases[target].venv
+    releases, venvs = on_host.unwanted(target, target_venv, kept)
+    for release in releases:
+        files.directory(
+            name=f"Remove the release {release} (beyond the {kept} kept, app_releases_kept)",
+            path=layout.release(release),
+            present=False,
+        )
+    for venv_id in venvs:
+        files.directory(
+            name=f"Remove the venv {venv_id}, which no kept release uses", path=layout.venv(venv_id), present=False
+        )
+    for path in ("src", "dist", "venv"):
+        files.directory(
+            name=f"Remove {layout.home}/{path}, where a deploy before releases put the application",
+            path=f"{layout.home}/{path}",
+            present=False,
+        )
+
+
+def _code(config: settings.Settings, source: Source, release: str) -> OperationMeta:
+    """Put the application's code into the ``release`` directory, owned by root and readable by
+    the app: a source tree synced to its src/, or a wheel/sdist in its dist/."""
+    app = config.app_name
     if source.is_tree:
-        files.directory(name="Remove the wheel/sdist of an earlier deploy", path=f"{home}/dist", present=False)
         exclude, exclude_dir = app_source.exclusions(config)
         return files.sync(
-            name=f"Sync the application code from {source.describe()}",
+            name=f"Copy the application code from {source.describe()}",
             src=str(source.path),
-            dest=f"{home}/src",
+            dest=f"{release}/src",
             user="root",
             group=app,
             mode="0644",
@@ -519,62 +652,72 @@ def _code(config: settings.Settings, source: Source) -> OperationMeta:
             exclude=exclude,
             exclude_dir=exclude_dir,
         )
-    files.directory(name="Remove the source tree of an earlier deploy", path=f"{home}/src", present=False)
-    files.directory(name=f"Create {home}/dist", path=f"{home}/dist", user="root", group=app, mode="0755")
-    for stale in host.get_fact(FindFiles, path=f"{home}/dist", quote_path=True, maxdepth=1) or []:
-        if Path(stale).name != source.path.name:
-            files.file(name=f"Remove the earlier distribution {stale}", path=stale, present=False)
+    files.directory(name=f"Create {release}/dist", path=f"{release}/dist", user="root", group=app, mode="0755")
     return files.put(
         name=f"Upload the application's distribution {source.path.name}",
         src=str(source.path),
-        dest=f"{home}/dist/{source.path.name}",
+        dest=f"{release}/dist/{source.path.name}",
         user="root",
         group=app,
         mode="0644",
     )
 
 
-def _venv(config: settings.Settings, source: Source) -> OperationMeta | None:
-    """The application's venv (made with app_python): its requirements file, or the project
-    itself (pyproject.toml, or the wheel/sdist) with its dependencies, then app_python_packages,
-    all under app_constraints. Reinstalled only when what it installs changed."""
-    home, venv = config.app_home, f"{config.app_home}/venv"
-    pip_path = f"{venv}/bin/pip"
-    options, fingerprint, uploads = [], [config.app_python, *config.app_python_packages], {}
+def _requirements_file(config: settings.Settings, source: Source) -> bool:
+    """Whether the venv installs a requirements file (else the project itself, or only
+    app_python_packages)."""
+    return source.is_tree and bool(config.app_requirements) and not config.app_requirements.endswith("pyproject.toml")
+
+
+def _packages(config: settings.Settings, source: Source, code: str) -> list[str]:
+    """What the application's venv installs, as ``_venv`` installs it: the Python, the extra
+    packages and constraints, and the requirements file or, for a project installed as a
+    package, its code (``code``, its digest)."""
+    parts = [config.app_python, *config.app_python_packages]
     if config.app_constraints:
-        if source.is_tree:  # in the synced tree
-            local, remote = source.path / config.app_constraints, f"{home}/src/{config.app_constraints}"
+        base = source.path if source.is_tree else settings.PROJECT_DIR
+        parts.append((base / Path(config.app_constraints).expanduser()).read_text())
+    if _requirements_file(config, source):
+        parts.append((source.path / config.app_requirements).read_text())
+    elif not source.is_tree or config.app_requirements:
+        parts.append(code)
+    return parts
+
+
+def _venv(config: settings.Settings, source: Source, release: str, venv: str, fingerprint: str) -> Venv:
+    """The application's venv (made with app_python) at ``venv``, installed from the
+    ``release`` directory: its requirements file, or the project itself (pyproject.toml, or
+    the wheel/sdist) with its dependencies, then app_python_packages, all under
+    app_constraints (``fingerprint``: what it installs, from ``_packages``)."""
+    pip_path = f"{venv}/bin/pip"
+    options, uploads = [], {}
+    if config.app_constraints:
+        if source.is_tree:  # in the release's source tree
+            remote = f"{release}/src/{config.app_constraints}"
         else:  # on this machine, uploaded into the venv
-            local, remote = settings.PROJECT_DIR / Path(config.app_constraints).expanduser(), f"{venv}/constraints.txt"
-            uploads[local] = remote
+            remote = f"{venv}/constraints.txt"
+            uploads[settings.PROJECT_DIR / Path(config.app_constraints).expanduser()] = remote
         options += ["--constraint", remote]
-        fingerprint.append(local.read_text())
     extras = " ".join(shlex.quote(requirement) for requirement in config.app_python_packages)
     commands = []
-    if source.is_tree and config.app_requirements and not config.app_requirements.endswith("pyproject.toml"):
+    if _requirements_file(config, source):
         commands.append(
-            f"{pip_path} install {' '.join(options)} --requirement {home}/src/{config.app_requirements} {extras}"
+            f"{pip_path} install {' '.join(options)} --requirement {release}/src/{config.app_requirements} {extras}"
         )
-        fingerprint.append((source.path / config.app_requirements).read_text())
     elif source.is_tree and config.app_requirements:
-        project = str(Path(f"{home}/src/{config.app_requirements}").parent)
+        project = str(Path(f"{release}/src/{config.app_requirements}").parent)
         commands += _install_project(pip_path, "$build", options, extras, copy_from=project)
-        fingerprint.append(app_source.tree_digest(source.path, config))
     elif not source.is_tree:
-        commands += _install_project(pip_path, f"{home}/dist/{source.path.name}", options, extras)
-        fingerprint.append(hashlib.sha256(source.path.read_bytes()).hexdigest())
+        commands += _install_project(pip_path, f"{release}/dist/{source.path.name}", options, extras)
     elif extras:
         commands.append(f"{pip_path} install {' '.join(options)} {extras}")
-    return python_venv(
-        config,
-        Venv(
-            path=venv,
-            what="the application",
-            python=config.app_python,
-            commands=commands,
-            fingerprint="\n".join(fingerprint),
-            uploads=uploads,
-        ),
+    return Venv(
+        path=venv,
+        what="the application",
+        python=config.app_python,
+        commands=commands,
+        fingerprint=fingerprint,
+        uploads=uploads,
     )
 
 
@@ -589,7 +732,7 @@ def _install_project(pip_path: str, target: str, options: list[str], extras: str
     if not copy_from:
         return install
     return [
-        f'build=$(mktemp -d) && cp -a {copy_from}/. "$build" && '
+        f'build=$(mktemp -d) && cp -R {copy_from}/. "$build" && '
         + " && ".join(install)
         + '; status=$?; rm -rf "$build"; exit $status'
     ]
@@ -644,9 +787,36 @@ def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
     if not venv.commands or (host.get_fact(FileContents, path=stamp_file) or [""])[0] == wanted:
         return None
     return server.shell(
-        name=f"Install the Python packages of {what} into its venv",
-        commands=[_explained(venv), f"echo {wanted} > {stamp_file}"],
+        name=f"Install the Python packages of {what} into its venv, as {builder(config.app_name)}",
+        commands=[_explained(venv, config.app_name), f"echo {wanted} > {stamp_file}"],
     )
+
+
+def builder(app: str) -> str:
+    """The system user pip runs as: a package's build (an sdist's setup.py, a compiler) runs no
+    code as root, and none as the application's user, who could plant code in a release."""
+    return f"{app}-build"
+
+
+def _builder_home(app: str) -> str:
+    """The build user's home: pip's cache of downloads and built wheels."""
+    return f"/var/cache/{builder(app)}"
+
+
+def _create_builder(app: str) -> None:
+    user, home = builder(app), _builder_home(app)
+    server.group(name=f"Create the system group {user}", group=user, system=True)
+    server.user(
+        name=f"Create the system user {user}, which builds the venvs (pip does not run as root)",
+        user=user,
+        group=user,
+        system=True,
+        shell="/usr/sbin/nologin",
+        home=home,
+        create_home=False,
+        ensure_home=False,
+    )
+    files.directory(name=f"Create {home}, pip's cache", path=home, user=user, group=user, mode="0700")
 
 
 #: The line before ``pip check``'s output in the install's log (files/pip/pip_failure.py reads it).
@@ -661,15 +831,26 @@ def _checked(venv: Venv) -> list[str]:
     return [*venv.commands, f"echo {PIP_CHECK_MARK} && {venv.path}/bin/pip check"]
 
 
-def _explained(venv: Venv) -> str:
-    """``venv``'s install commands with pip's output in a log (0600: an index URL may carry a
-    token) and, when they fail, a few lines that name what failed instead of pip's wall of
-    compiler output (files/pip/pip_failure.py, run by the venv's Python from standard input)."""
-    log = f"{venv.path}/pip-install.log"
+#: The first line of an install's log: who ran pip.
+BUILT_AS = "stack-build: as"
+
+
+def _explained(venv: Venv, app: str) -> str:
+    """``venv``'s install commands, run by the build user in the venv it owns meanwhile, with
+    pip's output in a log (0600: an index URL may carry a token); then the venv is root's again
+    (group ``app``, writable by nobody else). When they fail, a few lines that name what failed
+    instead of pip's wall of compiler output (files/pip/pip_failure.py, run by the venv's
+    Python, as the build user, from standard input)."""
+    user, home, log = builder(app), _builder_home(app), f"{venv.path}/pip-install.log"
     explain = (FILES_DIR / "pip" / "pip_failure.py").read_text()
+    script = " && ".join(f"( {command} )" for command in _checked(venv))
+    as_builder = f"runuser -u {user} -- env HOME={home} PIP_CACHE_DIR={home}/pip sh -c {shlex.quote(script)}"
     return (
-        f"install -m 0600 /dev/null {log} && {{ {' && '.join(f'( {command} )' for command in _checked(venv))}; }} >> {log} 2>&1 || "
-        f"{{ {venv.path}/bin/python - {log} {shlex.quote(venv.python)} <<'PIP_FAILURE'\n{explain}PIP_FAILURE\nexit 1; }}"
+        f"chown -R {user}:{user} {venv.path} && install -m 0600 -o {user} /dev/null {log} && "
+        f"{{ echo '{BUILT_AS} {user}'; {as_builder}; }} >> {log} 2>&1; status=$?; "
+        f"if [ $status -ne 0 ]; then runuser -u {user} -- {venv.path}/bin/python - {log} {shlex.quote(venv.python)} "
+        f"<<'PIP_FAILURE'\n{explain}PIP_FAILURE\nfi; "
+        f"chown -R root:{app} {venv.path} && chmod -R go-w {venv.path} && exit $status"
     )
 
 
@@ -682,6 +863,7 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
     context: dict[str, Any] = dict(
         app=app,
         home=home,
+        venv=Layout(home).current_venv,
         workdir=workdir(config, source),
         address=node.address,
         port=config.web_port,

@@ -177,9 +177,10 @@ class RequestLoop:
                 try:
                     response = requests.get(f"http://{host.address}:{self.port}/", timeout=10)
                     response.raise_for_status()
+                    body = response.json()  # the reference app's says which release and host answered
                     with self.lock:
-                        self.releases.add(response.json()["release"])
-                        self.served_by.add(response.json()["host"])
+                        self.releases.add(body.get("release"))
+                        self.served_by.add(body.get("host"))
                         self.ok += 1
                         self.answered_at.append(time.monotonic())
                 except requests.RequestException as error:
@@ -253,6 +254,6 @@ def as_the_worker(host: Host, command: str, app: str = APP) -> str:
 
 def worker_conf(cluster: Cluster, app: str = APP) -> dict:
     """The configuration the running worker reports (``celery inspect conf``)."""
-    inspect = f"/opt/{app}/venv/bin/celery --app stack_celery inspect conf --json --timeout 10"
+    inspect = f"/opt/{app}/current/venv/bin/celery --app stack_celery inspect conf --json --timeout 10"
     output = as_the_worker(cluster.one("workers"), inspect, app)
     return next(iter(json.loads(output.strip().splitlines()[-1]).values()))

@@ -2,7 +2,8 @@
 The application tier on both topologies: a task submitted over HTTP to every web host is
 computed by a worker and comes back through the API and from PostgreSQL; the units are active,
 enabled and run as the application user; /healthz and /metrics tell the truth; a code change
-reloads Gunicorn without failing a single request.
+is a new release, switched to (and rolled back from) without failing a single request, and a
+release that cannot be imported never serves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bench import PROJECT_DIR, Cluster
 from clients import (
     APP,
     APP_UNITS,
+    REPORT,
     RequestLoop,
     check_task_end_to_end,
     gunicorn_workers_died,
@@ -147,55 +149,80 @@ def _gunicorn_pid(host) -> str:
     return host.exec(f"systemctl show -p MainPID --value {APP}-gunicorn.service").strip()
 
 
-def test_code_change_reloads_gunicorn_without_a_failed_request(deployed: Cluster, tmp_path: Path):
+def _serve(webs, release: str) -> bool:
+    return {requests.get(web_url(host, "/"), timeout=10).json()["release"] for host in webs} == {release}
+
+
+def test_a_new_release_and_a_rollback_switch_without_a_failed_request(deployed: Cluster, tmp_path: Path):
+    """A code change builds a new release beside the running one and switches to it: Gunicorn
+    restarts (its socket holds the connections meanwhile) and no request fails. ``app_release
+    =previous`` switches back to the release before, without building, gated the same way;
+    its re-run changes nothing. Both take the time reported at the end of the session."""
     source = tmp_path / "app"
     shutil.copytree(PROJECT_DIR / "files" / "app", source)
     release = source / "stackapp" / "release.py"
     release.write_text(release.read_text().replace('"reference-1"', '"reference-2"'))
     webs = deployed.by_group("web")
     pids = {host.name: _gunicorn_pid(host) for host in webs}
-
-    with RequestLoop(webs) as loop:
-        time.sleep(1)
-        run = deployed.deploy("--data", f"app_source={source}")
-        time.sleep(3)  # requests keep flowing while the old workers finish
     try:
-        assert run.returncode == 0, run.stderr[-6000:]
+        with RequestLoop(webs) as loop:
+            time.sleep(1)
+            started = time.monotonic()
+            run = deployed.deploy("--data", f"app_source={source}")
+            built = time.monotonic() - started
+            time.sleep(3)
+        assert run.returncode == 0, run.output[-6000:]
         names = {change.split(" @ ")[0] for change in run.changed}
-        assert (
-            f"Application | Reload {APP}-gunicorn.service gracefully for its changed code or Gunicorn configuration"
-            in names
-        )
-        assert not any("Restart stackapp-gunicorn" in name for name in names), names
-        assert {host.name: _gunicorn_pid(host) for host in webs} == pids, "Gunicorn was restarted, not reloaded"
+        assert any(name.startswith("Application | Switch the application to the release ") for name in names), names
+        assert any(name.startswith(f"Application | Restart {APP}-gunicorn.service") for name in names), names
+        assert all(_gunicorn_pid(host) != pids[host.name] for host in webs), "Gunicorn was not restarted"
         assert loop.failures == [], f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}"
         assert loop.ok > 20
-        assert wait_until(
-            lambda: {requests.get(web_url(h, "/"), timeout=10).json()["release"] for h in webs} == {"reference-2"},
-            timeout=30,
-        )
+        assert _serve(webs, "reference-2")
         check_task_end_to_end(deployed)
+
+        rollback = ["--data", f"app_source={source}", "--data", "app_release=previous"]
+        with RequestLoop(webs) as loop:
+            started = time.monotonic()
+            back = deployed.deploy(*rollback)
+            rolled_back = time.monotonic() - started
+        assert back.returncode == 0, back.output[-6000:]
+        assert not any("Install the Python packages" in name for name in back.changed), back.changed
+        assert loop.failures == [], f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}"
+        assert _serve(webs, "reference-1")
+        check_task_end_to_end(deployed)
+        again = deployed.deploy(*rollback)
+        assert again.returncode == 0 and again.changed == [], again.changed
+        REPORT.append(
+            f"{len(webs)} web host(s): a code change released in {built:.0f} s, rolled back in {rolled_back:.0f} s "
+            "(whole deploys, 0 failed requests)"
+        )
     finally:
         restore = deployed.deploy()  # back to the shipped code, for the tests that follow
         assert restore.returncode == 0, restore.stderr[-6000:]
 
 
 @pytest.mark.parametrize("deployed", ["all-in-one"], indirect=True)
-def test_a_code_change_whose_asgi_module_fails_to_import_fails_the_deploy(deployed: Cluster, tmp_path: Path):
-    """A code change reloads Gunicorn, which stops its old workers at once; the new ones fail
-    to boot and the master halts, and systemd restarts it in a loop: the health gate fails the
-    deploy with the import error from Gunicorn's journal. The next deploy of good code serves
-    again."""
+def test_a_release_whose_asgi_module_fails_to_import_never_serves(deployed: Cluster, tmp_path: Path):
+    """The new release is imported before the switch: one whose ASGI module cannot be imported
+    fails the deploy with the import error, and the running release serves throughout without
+    a failed request. The next deploy of good code serves again."""
     source = tmp_path / "app"
     shutil.copytree(PROJECT_DIR / "files" / "app", source)
     api = source / "stackapp" / "api.py"
     api.write_text(api.read_text() + "\nimport stackapp_missing_module  # noqa: E402\n")
+    webs = deployed.by_group("web")
     try:
-        run = deployed.deploy("--data", f"app_source={source}", "--data", "app_health_timeout_seconds=20")
+        with RequestLoop(webs) as loop:
+            run = deployed.deploy("--data", f"app_source={source}", "--data", "app_health_timeout_seconds=20")
         assert run.returncode != 0, "the deploy passed with an ASGI module that cannot be imported"
-        failure = run.gate_failure
-        assert f"The exceptions in {APP}-gunicorn.service's journal" in failure, failure[-4000:]
+        said = f"{webs[0].address}: the release "
+        assert said in run.output and "does not load on this host" in run.output, run.output[-4000:]
+        failure = run.output.rpartition("does not load on this host")[2]
+        assert f"which {APP}-gunicorn.service runs, fails to load" in failure, failure[-4000:]
         assert "No module named 'stackapp_missing_module'" in failure, failure[-4000:]
+        assert not any("Switch the application" in name for name in run.changed_in_text), run.changed_in_text
+        assert loop.failures == [] and loop.releases == {"reference-1"}, (loop.failures[:3], loop.releases)
     finally:
         restore = deployed.deploy()  # back to the shipped code, for the tests that follow
     assert restore.returncode == 0, restore.output[-6000:]
@@ -245,7 +272,8 @@ def test_a_renamed_application_retires_the_previous_one_before_it_starts(deploye
         assert unit_files(host, APP) == [], "the previous application's units are still installed"
         assert unit_files(host, renamed) == [f"{renamed}-{suffix}" for suffix in suffixes]
         assert (
-            host.status(f"test -d /etc/{APP} && test -d /opt/{APP}/venv && ! test -e /usr/local/sbin/{APP}-check") == 0
+            host.status(f"test -d /etc/{APP} && test -L /opt/{APP}/current && ! test -e /usr/local/sbin/{APP}-check")
+            == 0
         )
         check_task_end_to_end(deployed)
         again = deployed.deploy("--data", f"app_name={renamed}")

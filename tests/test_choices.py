@@ -173,7 +173,7 @@ def take_and_crash(cluster: Cluster, task_id: str) -> None:
         "any(sys.argv[1] in str(channel.basic_get(queue).headers) for _ in iter(int, 1)); "
         "os._exit(0)"
     )
-    as_the_worker(cluster.one("workers"), f'/opt/{APP}/venv/bin/python -c "{take}" {task_id}')
+    as_the_worker(cluster.one("workers"), f'/opt/{APP}/current/venv/bin/python -c "{take}" {task_id}')
 
 
 def test_a_handover_that_fails_fails_the_deploy_and_the_next_run_moves_the_tasks(deployed: Cluster):

@@ -29,7 +29,7 @@ ROOTS = (
     "/etc/stackapp /opt/stackapp /etc/redis /etc/rabbitmq /etc/postgresql /etc/prometheus /etc/default "
     "/etc/systemd/system /usr/local/share/ca-certificates /etc/apt/apt.conf.d /etc/nftables-stack.nft"
 )
-PRUNED = ("/opt/stackapp/venv", "/opt/stackapp/flower", "/etc/systemd/system/*.wants")
+PRUNED = ("/opt/stackapp/venvs", "/opt/stackapp/flower", "/etc/systemd/system/*.wants")
 #: Files that hold secrets: their contents differ between two clusters by design.
 SECRET_FILES = {
     "/etc/stackapp/app.env",
@@ -58,7 +58,7 @@ def state(cluster: Cluster) -> dict[str, object]:
         "files": listing.splitlines(),
         "contents": checksums,
         "units": host.exec(f"systemctl is-enabled {' '.join(units)}; systemctl is-active {' '.join(units)}").split(),
-        "packages": host.exec("/opt/stackapp/venv/bin/pip freeze --all").split(),
+        "packages": host.exec("/opt/stackapp/current/venv/bin/pip freeze --all").split(),
     }
 
 

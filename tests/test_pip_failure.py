@@ -59,9 +59,10 @@ def test_any_other_failure_shows_pips_own_errors(tmp_path, capsys):
 
 
 def test_unmet_requirements_found_by_pip_check_are_named_with_the_fix(tmp_path, capsys):
-    """pip's resolver looks only at what it installs now: a package an earlier deploy left
-    keeps requirements the new packages break, and pip exits 0 after a warning; ``pip check``
-    (run after the install) fails, and only its lines are shown."""
+    """pip's resolver looks only at what one command installs: a package another command (or,
+    in a venv not built empty, an earlier deploy) installed keeps requirements the new packages
+    break, and pip exits 0 after a warning; ``pip check`` (run after the install) fails, and
+    only its lines are shown."""
     said = explain(
         tmp_path,
         capsys,
@@ -78,7 +79,7 @@ def test_unmet_requirements_found_by_pip_check_are_named_with_the_fix(tmp_path, 
         "  flask 2.0.3 has requirement Werkzeug>=2.0, but you have werkzeug 1.0.1.",
         "  acme 1.0 requires redis, which is not installed.",
     ]
-    assert f"remove {tmp_path} on this host and deploy again" in said
+    assert "Pin versions that fit together (the requirements, app_python_packages, app_constraints)" in said
     assert "dependency resolver" not in said and "which is incompatible" not in said
 
 

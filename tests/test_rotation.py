@@ -50,9 +50,9 @@ def test_password_rotation_applies_then_changes_nothing(deployed: Cluster):
             f"Application | {operation} @ {host.address}"
             for operation in (
                 "Write the environment file (broker and result URLs, with credentials, and the app's own)",
-                "Restart stackapp-worker.service for its changed code, packages, environment, deploy's modules or unit",
-                "Restart stackapp-beat.service for its changed code, packages, environment, deploy's modules or unit",
-                "Restart stackapp-gunicorn.service for its changed packages, environment, deploy's modules, socket unit or unit",
+                "Restart stackapp-worker.service for its changed release, environment, deploy's modules or unit",
+                "Restart stackapp-beat.service for its changed release, environment, deploy's modules or unit",
+                "Restart stackapp-gunicorn.service for its changed release, environment, deploy's modules, socket unit or unit",
             )
         }
     for host in deployed.by_group("beat"):  # Flower, beside beat, reads the broker URL from a file of its own

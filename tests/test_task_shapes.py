@@ -141,7 +141,7 @@ def test_a_chord_whose_header_was_never_sent_fails_after_the_chord_timeout(short
     worker.exec(f"echo {script} | base64 -d > /tmp/half_sent_chord.py && chmod 644 /tmp/half_sent_chord.py")
     callback = f"half-sent-{uuid.uuid4()}"
     started = time.monotonic()
-    as_the_worker(worker, f"/opt/{APP}/venv/bin/python /tmp/half_sent_chord.py {callback}")
+    as_the_worker(worker, f"/opt/{APP}/current/venv/bin/python /tmp/half_sent_chord.py {callback}")
     result = task_result(web, callback, timeout=CHORD_TIMEOUT_SECONDS + 60)
     waited = time.monotonic() - started
     assert result["state"] == "FAILURE" and "chord_unlock" in str(result["result"]), result

@@ -18,7 +18,8 @@ from tasks.app import UNITS
 CONTEXT = dict(
     app="acme",
     home="/opt/acme",
-    workdir="/opt/acme/src",
+    venv="/opt/acme/current/venv",
+    workdir="/opt/acme/current/src",
     address="192.0.2.10",
     port=8000,
     asgi_app="acme.web:api",

@@ -13,6 +13,11 @@ still pass that many seconds later with no unit's main process replaced: a servi
 and then dies, or a Gunicorn master that halts once its new workers fail to boot, fails the
 gate instead of slipping through it.
 
+With ``--load`` (the deploy passes it before it switches the host to a new release, run by that
+release's Python in that release's directory) it only imports what the units would: the ASGI
+app (``asgi_app``) and the Celery app with its task modules, so a release that cannot even be
+imported fails before any unit runs it and the running release keeps serving.
+
 Exit status 0 when everything passed; 1 with what failed on standard output, and a last line
 ``UNIT=<unit>`` naming the unit whose journal tells why (the wrapper prints that journal: this
 script runs as the application's user, who may not read it).
@@ -20,16 +25,19 @@ script runs as the application's user, who may not read it).
 Usage (by the wrapper, ``/usr/local/sbin/<app>-check``, which passes what this host runs):
     python -m stack_check [--timeout S] [--settle S] [--unit U ...] [--web URL UNIT SETTING]
                           [--worker NAME UNIT QUEUES]
+    python -m stack_check --load [--asgi IMPORT_PATH UNIT] [--celery UNIT]
 NAME is the worker's node name; %H in it is this host's name, as in the unit's --hostname.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -122,6 +130,48 @@ def check(options: argparse.Namespace) -> Failure | None:
     return failure
 
 
+#: Lines of a traceback a failed import prints (its end says what and where).
+TRACEBACK_LINES = 12
+
+
+def imported(what: str, unit: str, load) -> Failure | None:
+    """Call ``load``; the failure, with its traceback's last lines, if it raises."""
+    try:
+        load()
+    except BaseException:  # SystemExit too: an application may exit at import
+        lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
+        return Failure(unit, f"{what}, which {unit} runs, fails to load:\n" + "\n".join(lines))
+    return None
+
+
+def asgi_app(path: str):
+    """The object at ``module:attribute``, as Gunicorn finds the ASGI app."""
+    module, _, attribute = path.partition(":")
+    found = importlib.import_module(module)
+    for name in (attribute or "application").split("."):
+        found = getattr(found, name)
+    return found
+
+
+def celery_app() -> None:
+    """The application's Celery app as the units load it (stack_celery), and its task modules,
+    as a worker imports them at start."""
+    stack_celery = importlib.import_module("stack_celery")
+    stack_celery.app.loader.import_default_modules()
+
+
+def load(options: argparse.Namespace) -> Failure | None:
+    for path, unit in options.asgi:
+        failure = imported(f"The ASGI app {path} (asgi_app)", unit, lambda path=path: asgi_app(path))
+        if failure:
+            return failure
+    for (unit,) in options.celery:
+        failure = imported("The Celery app (celery_app) and its task modules", unit, celery_app)
+        if failure:
+            return failure
+    return None
+
+
 def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stack_check")
     parser.add_argument("--timeout", type=float, default=60)
@@ -129,11 +179,25 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--unit", action="append", default=[])
     parser.add_argument("--web", nargs=3, action="append", default=[], metavar=("URL", "UNIT", "SETTING"))
     parser.add_argument("--worker", nargs=3, action="append", default=[], metavar=("NAME", "UNIT", "QUEUES"))
+    parser.add_argument("--load", action="store_true")
+    parser.add_argument("--asgi", nargs=2, action="append", default=[], metavar=("IMPORT_PATH", "UNIT"))
+    parser.add_argument("--celery", nargs=1, action="append", default=[], metavar="UNIT")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     options = arguments(argv)
+    if options.load:
+        failure = load(options)
+        if failure is None:
+            print(
+                "loads: "
+                + ", ".join([*(path for path, _ in options.asgi), *(["the Celery app"] if options.celery else [])])
+            )
+            return 0
+        print(failure.problem)
+        print(f"UNIT={failure.unit}")
+        return 1
     failure = check(options)
     if failure is None:
         passed = [f"{len(options.unit)} units active"]

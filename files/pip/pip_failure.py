@@ -9,7 +9,6 @@ failed (no compiler, no Rust, a missing -dev package, or code that does not buil
 Python): pip prints hundreds of lines of compiler output and the package's name far above them.
 """
 
-import os
 import re
 import sys
 
@@ -86,7 +85,6 @@ def main(log: str, command: str) -> None:
     broken = [line.strip() for line in checked if BROKEN.match(line.strip())]
     if broken:
         errors = []  # the resolver's warnings of the same conflicts, if any: pip check's say it
-        venv = os.path.dirname(os.path.abspath(log))
         print(
             f"pip installed the packages with {python} ({command}), but pip check found some whose requirements "
             "are not met:",
@@ -95,9 +93,8 @@ def main(log: str, command: str) -> None:
         for line in broken[:5]:
             print(f"  {line}", file=sys.stderr)
         print(
-            "Pin versions that fit together (the requirements, app_python_packages, app_constraints). A package an "
-            f"earlier deploy installed stays in the venv (pip never removes one): remove {venv} on this host and "
-            "deploy again to rebuild it.",
+            "Pin versions that fit together (the requirements, app_python_packages, app_constraints): the "
+            "application gets a new venv for each set of packages, so nothing of this one is kept.",
             file=sys.stderr,
         )
     elif built:

@@ -483,7 +483,7 @@ def worker_holdings(cluster: Cluster) -> str:
     worker = cluster.one("workers")
     held = {}
     for method in ("active", "reserved", "scheduled"):
-        inspect = f"/opt/{APP}/venv/bin/celery --app stack_celery inspect {method} --json --timeout 5"
+        inspect = f"/opt/{APP}/current/venv/bin/celery --app stack_celery inspect {method} --json --timeout 5"
         try:
             held[method] = as_the_worker(worker, inspect).strip().splitlines()[-1]
         except AssertionError as error:
