@@ -219,17 +219,8 @@ def application(run: Run) -> None:
     config = run.node.config
     app, home = config.app_name, config.app_home
 
-    server.group(name=f"Create the system group {app}", group=app, system=True)
-    server.user(
-        name=f"Create the system user {app}, without a login shell",
-        user=app,
-        group=app,
-        system=True,
-        shell="/usr/sbin/nologin",
-        home=home,
-        create_home=False,
-        ensure_home=False,  # <home> is root's (below), so the service cannot rewrite its own code
-    )
+    # <home> is root's (below), so the service cannot rewrite its own code.
+    _system_user(app, home, "which runs the application")
     for previous in host.get_fact(Applications):
         if previous != app:
             _retire(previous, app)
@@ -250,7 +241,7 @@ def application(run: Run) -> None:
     layout = Layout(home)
     on_host = host.get_fact(app_releases.Releases, home=home)
     build = _build_of(config, source, layout)
-    target = _target(config, build, on_host)
+    target = _target(config, build, on_host, host.name)
     target_python = f"{layout.release(target)}/venv/bin/python"
     requirements = None
     if not on_host.built(target):
@@ -546,11 +537,11 @@ def _build_of(config: settings.Settings, source: Source, layout: Layout) -> Buil
     return Build(release, venv_id, _venv(config, source, layout.release(release), layout.venv(venv_id), fingerprint))
 
 
-def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHost) -> str:
+def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHost, name: str) -> str:
     """The release this host is to run: the one this deploy builds, or the one ``app_release``
     names (``previous``: the one most recently run before the release the settings build, so a
     rollback re-run changes nothing). SettingsError, before anything runs, for a release the
-    host does not have."""
+    host (``name``) does not have."""
     wanted = config.app_release
     if not wanted:
         return build.release
@@ -558,8 +549,8 @@ def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHos
     if chosen is None or not on_host.built(chosen):
         have = ", ".join(sorted(r.id for r in on_host.releases.values() if r.built)) or "none"
         raise settings.SettingsError(
-            f"host {host.name}: app_release={wanted}, but this host has no such release "
-            f"(its releases: {have}; the settings build {build.release}); unset app_release to deploy them"
+            f"host {name}: app_release={wanted}, but this host has no such release "
+            f"(its releases: {have}; the settings build {build.release}); unset app_release to deploy that one"
         )
     return chosen
 
@@ -803,11 +794,11 @@ def _builder_home(app: str) -> str:
     return f"/var/cache/{builder(app)}"
 
 
-def _create_builder(app: str) -> None:
-    user, home = builder(app), _builder_home(app)
+def _system_user(user: str, home: str, what: str) -> None:
+    """A system user and its group, without a login shell; ``home`` is not created here."""
     server.group(name=f"Create the system group {user}", group=user, system=True)
     server.user(
-        name=f"Create the system user {user}, which builds the venvs (pip does not run as root)",
+        name=f"Create the system user {user}, {what}, without a login shell",
         user=user,
         group=user,
         system=True,
@@ -816,6 +807,11 @@ def _create_builder(app: str) -> None:
         create_home=False,
         ensure_home=False,
     )
+
+
+def _create_builder(app: str) -> None:
+    user, home = builder(app), _builder_home(app)
+    _system_user(user, home, "which builds the venvs (pip does not run as root)")
     files.directory(name=f"Create {home}, pip's cache", path=home, user=user, group=user, mode="0700")
 
 

@@ -196,3 +196,24 @@ def test_load_fails_naming_the_setting_the_unit_and_the_error(project, capsys):
     assert said[0] == "The ASGI app shop.bad:api (asgi_app), which x-gunicorn.service runs, fails to load:"
     assert said[-2] == "ModuleNotFoundError: No module named 'shop_missing_dependency'"
     assert said[-1] == "UNIT=x-gunicorn.service"
+
+
+def test_a_rollback_goes_to_the_release_before_the_one_the_settings_build(reference: Path):
+    build = build_of(reference)
+    on_host = host_with(("older", 1, True, "v0"), ("good", 2, True, "v1"), (build.release, 3, True, build.venv_id))
+    config = settings.Settings(app_release="previous")
+    assert app._target(config, build, on_host, "web-1") == "good"
+    assert app._target(settings.Settings(), build, on_host, "web-1") == build.release
+    assert app._target(settings.Settings(app_release="older"), build, on_host, "web-1") == "older"
+
+
+@pytest.mark.parametrize("wanted", ["previous", "0123456789ab"])
+def test_a_rollback_to_a_release_the_host_lacks_is_refused_before_anything_runs(reference: Path, wanted: str):
+    build = build_of(reference)
+    on_host = host_with((build.release, 3, True, build.venv_id), ("half", 4, False, "v9"))
+    with pytest.raises(settings.SettingsError) as refused:
+        app._target(settings.Settings(app_release=wanted), build, on_host, "web-1")
+    assert str(refused.value) == (
+        f"host web-1: app_release={wanted}, but this host has no such release (its releases: {build.release}; "
+        f"the settings build {build.release}); unset app_release to deploy that one"
+    )
