@@ -22,6 +22,7 @@ health gate (tasks/gate.py) fails the deploy unless the application works on the
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +315,7 @@ def application(run: Run) -> None:
                 f"app/{tool}.sh.j2",
                 app=app,
                 home=home,
-                venv=Layout(home).current_venv,
+                venv=layout.current_venv,
                 workdir=workdir(config, source),
                 broker_variable=config.app_broker_url_variables[0],
                 queues=",".join(run.wiring.queues()),
@@ -669,10 +670,25 @@ def _packages(config: settings.Settings, source: Source, code: str) -> list[str]
         base = source.path if source.is_tree else settings.PROJECT_DIR
         parts.append((base / Path(config.app_constraints).expanduser()).read_text())
     if _requirements_file(config, source):
-        parts.append((source.path / config.app_requirements).read_text())
+        parts += requirements_texts(source.path / config.app_requirements)
     elif not source.is_tree or config.app_requirements:
         parts.append(code)
     return parts
+
+
+#: A requirements file's line that names another file pip reads with it (-r, -c and their long forms).
+INCLUDE = re.compile(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)")
+
+
+def requirements_texts(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
+    """The text of a requirements file and of every file it includes (``-r``, ``-c``, relative
+    to it, as pip reads them), so that a change to an included file is a change of packages."""
+    path = path.resolve()
+    if path in seen or not path.is_file():
+        return []  # a loop, or a file pip will not find either (its install then fails, naming it)
+    text = path.read_text()
+    included = [path.parent / match[1] for line in text.splitlines() if (match := INCLUDE.match(line))]
+    return [text, *(part for file in included for part in requirements_texts(file, seen | {path}))]
 
 
 def _venv(config: settings.Settings, source: Source, release: str, venv: str, fingerprint: str) -> Venv:

@@ -76,6 +76,18 @@ def test_a_requirement_change_makes_a_new_venv_and_its_commands_read_the_new_rel
     assert f"--requirement /opt/stackapp/releases/{after.release}/src/requirements.txt" in after.venv.commands[0]
 
 
+def test_a_change_to_a_requirements_file_the_requirements_include_makes_a_new_venv(tmp_path: Path):
+    (tmp_path / "requirements").mkdir()
+    (tmp_path / "requirements" / "prod.txt").write_text("-r base.txt\n--constraint=pins.txt\ncelery\n")
+    (tmp_path / "requirements" / "base.txt").write_text("fastapi\n-r prod.txt\n")  # a loop pip refuses; we stop
+    (tmp_path / "requirements" / "pins.txt").write_text("celery==5.4.0\n")
+    texts = app.requirements_texts(tmp_path / "requirements" / "prod.txt")
+    assert texts == ["-r base.txt\n--constraint=pins.txt\ncelery\n", "fastapi\n-r prod.txt\n", "celery==5.4.0\n"]
+    before = build_of(tmp_path, app_requirements="requirements/prod.txt")
+    (tmp_path / "requirements" / "pins.txt").write_text("celery==5.5.0\n")
+    assert build_of(tmp_path, app_requirements="requirements/prod.txt").venv_id != before.venv_id
+
+
 def test_a_project_installed_as_a_package_gets_a_venv_per_code(tmp_path: Path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "1"\n')
     (tmp_path / "x.py").write_text("A = 1\n")
