@@ -258,6 +258,7 @@ def application(run: Run) -> None:
             venv=build.venv_id,
             path=layout.venv(build.venv_id),
             leader=lock == "leader",
+            user=app,
         )
     if building and lock != "leader":
         if lock == "follower":
@@ -503,7 +504,7 @@ def queue_type(run: Run, existing: dict[str, str], python: str) -> str:
     on a clash with the queues that exist); what the Celery of the release's venv (``python``)
     then lacks is printed."""
     config = run.node.config
-    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=python)
+    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=python, user=config.app_name)
     chosen, why = rabbitmq.queue_type(config, existing, celery)
     if why:
         logger.warning(f"{host.name}: {why}")
@@ -515,7 +516,7 @@ def _check_installed_celery(config: settings.Settings, existing: dict[str, str],
     it now holds, which stops the deploy before the switch on a clash with the queues RabbitMQ
     holds, or prints what that Celery lacks."""
     probe = rabbitmq.CeleryQuorumSupport()
-    _, output = host.run_shell_command(probe.command(python=python))
+    _, output = host.run_shell_command(probe.command(python=python, user=config.app_name))
     _, why = rabbitmq.queue_type(config, existing, probe.process(output.stdout_lines))
     if why:
         logger.warning(f"{host.name}: {why}")

@@ -185,15 +185,16 @@ def lock_lines(freeze: list[str]) -> list[str]:
 
 
 @operation()
-def record_lock(venv: str, path: str, leader: bool):
+def record_lock(venv: str, path: str, leader: bool, user: str):
     """
     On the first host that makes the venv ``venv`` (``leader``; at ``path``), once it is built:
-    keep what pip installed as the venv's lock on the machine running pyinfra. Every application
-    host that builds it runs this operation (a no-op but on the first), so that pyinfra orders
-    the other hosts' builds, which read the lock (``receive_lock``), after it. Yields no command.
+    keep what pip installed (``pip freeze``, run as ``user``: no package's code runs as root) as
+    the venv's lock on the machine running pyinfra. Every application host that makes the venv
+    runs this operation (a no-op but on the first), so that pyinfra orders the other hosts'
+    builds, which read the lock (``receive_lock``), after it. Yields no command.
     """
     if state.is_executing and leader:
-        status, output = host.run_shell_command(f"{path}/bin/pip freeze --all")
+        status, output = host.run_shell_command(f"runuser -u {user} -- {path}/bin/pip freeze --all")
         if status:
             lock = local_lock(venv)
             lock.parent.mkdir(parents=True, exist_ok=True)
