@@ -245,29 +245,7 @@ def application(run: Run) -> None:
     build = _build_of(config, source, layout, python_of(run.node))
     target = _target(config, build, on_host, host.name)
     target_python = f"{layout.release(target)}/venv/bin/python"
-    requirements = None
-    building = not on_host.built(target)
-    lock = _lock(run, build) if target == build.release else "known"
-    # The first host's build, the record of what it resolved, then the other hosts' builds
-    # under it: three places in this order, so that pyinfra runs them in this order.
-    if building and lock == "leader":
-        requirements = _build(config, source, layout, build, locked=False)
-    if lock != "known":  # on every host that makes this venv: the other hosts' builds come after
-        app_releases.record_lock(
-            name=f"Record the packages of the venv {build.venv_id} (resolved by the first host that builds it)",
-            venv=build.venv_id,
-            path=layout.venv(build.venv_id),
-            leader=lock == "leader",
-            user=app,
-        )
-    if building and lock != "leader":
-        if lock == "follower":
-            app_releases.receive_lock(
-                name=f"Write the lock of the venv {build.venv_id} that the first host recorded",
-                venv=build.venv_id,
-                path=layout.venv(build.venv_id),
-            )
-        requirements = _build(config, source, layout, build, locked=True)
+    requirements = _make_release(run, source, layout, on_host, build, target)
     existing = existing_queue_types(run)
     queues = queue_type(run, existing, target_python)
     if requirements is not None:
@@ -374,6 +352,37 @@ def application(run: Run) -> None:
         back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
     )
     _prune(config, layout, on_host, target, build.venv_id if target == build.release else None)
+
+
+def _make_release(
+    run: Run, source: Source, layout: Layout, on_host: app_releases.OnHost, build: Build, target: str
+) -> OperationMeta | None:
+    """Build ``target`` unless the host has it: on the first application host that makes its
+    venv, resolved there, then that host's record of what it installed (the venv's lock), then
+    on the other hosts under that lock (tasks/app_releases.py). Three places in this order, so
+    pyinfra runs them in this order. The venv's install operation, or None."""
+    config, requirements = run.node.config, None
+    building = not on_host.built(target)
+    lock = _lock(run, build) if target == build.release else "known"
+    if building and lock == "leader":
+        requirements = _build(config, source, layout, build, locked=False)
+    if lock != "known":  # on every host that makes this venv: the other hosts' builds come after
+        app_releases.record_lock(
+            name=f"Record the packages of the venv {build.venv_id} (resolved by the first host that builds it)",
+            venv=build.venv_id,
+            path=layout.venv(build.venv_id),
+            leader=lock == "leader",
+            user=config.app_name,
+        )
+    if building and lock != "leader":
+        if lock == "follower":
+            app_releases.receive_lock(
+                name=f"Write the lock of the venv {build.venv_id} that the first host recorded",
+                venv=build.venv_id,
+                path=layout.venv(build.venv_id),
+            )
+        requirements = _build(config, source, layout, build, locked=True)
+    return requirements
 
 
 def gate_subject(node: Node) -> gate.Subject:
