@@ -14,9 +14,12 @@ that halts once its new workers fail to boot) fails the gate.
 A failing gate fails the deploy on that host with the check's words: the host, what failed,
 the unit and the last lines of its journal. When this run switched the host to a new release
 (tasks/app_releases.py) and the host ran another one before, the gate first switches it back
-to that one, restarts the units that run it and checks them again, and says how that went. A passing gate changes nothing: the operation
-yields no command, so a re-run that changes nothing still reports zero changes, and a re-run
-against an application that broke since still fails.
+to that one, restarts the units that run it and checks them again, and says how that went. A
+passing gate changes nothing: the operation yields no command, so a re-run that changes nothing
+still reports zero changes, and a re-run against an application that broke since still fails.
+
+Before a switch, ``loads`` has the new release import the ASGI app and the Celery app (``<app>
+-check``'s ``--load``), so a release that cannot even start never replaces the running one.
 """
 
 from __future__ import annotations
