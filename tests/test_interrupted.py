@@ -43,7 +43,10 @@ def state(cluster: Cluster) -> dict[str, object]:
     """What the deploy made of the one host of ``cluster``, with its own and the gateway's
     addresses replaced, so that two clusters compare."""
     host = next(iter(cluster.hosts.values()))
-    prune = " -o ".join(f"-path '{path}'" for path in PRUNED)
+    # The releases other than the current one: those the shared cluster's earlier tests left.
+    current = host.exec("readlink /opt/stackapp/current").strip().removeprefix("releases/")
+    others = [f"/opt/stackapp/releases/{r}" for r in host.exec("ls /opt/stackapp/releases").split() if r != current]
+    prune = " -o ".join(f"-path '{path}'" for path in [*PRUNED, *others])
     listing = host.exec(f"find {ROOTS} \\( {prune} \\) -prune -o -printf '%p %y %m %u:%g\\n' | sort")
     checksums = []
     for line in listing.splitlines():
