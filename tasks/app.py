@@ -25,7 +25,6 @@ import hashlib
 import re
 import shlex
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -38,7 +37,7 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, releases, render, shipped_file
+from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, render, shipped_file
 from tasks import source as app_source
 from tasks.app_releases import Layout
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
@@ -242,10 +241,12 @@ def application(run: Run) -> None:
     source = app_source.resolve(config)
     layout = Layout(home)
     on_host = host.get_fact(app_releases.Releases, home=home)
-    build = _build_of(config, source, layout, python_of(run.node))
+    build = _build_of(config, source, layout)
     target = _target(config, build, on_host, host.name)
     target_python = f"{layout.release(target)}/venv/bin/python"
-    requirements = _make_release(run, source, layout, on_host, build, target)
+    requirements = None
+    if not on_host.built(target):
+        requirements = _build(config, source, layout, build)
     existing = existing_queue_types(run)
     queues = queue_type(run, existing, target_python)
     if requirements is not None:
@@ -352,37 +353,6 @@ def application(run: Run) -> None:
         back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
     )
     _prune(config, layout, on_host, target, build.venv_id if target == build.release else None)
-
-
-def _make_release(
-    run: Run, source: Source, layout: Layout, on_host: app_releases.OnHost, build: Build, target: str
-) -> OperationMeta | None:
-    """Build ``target`` unless the host has it: on the first application host that makes its
-    venv, resolved there, then that host's record of what it installed (the venv's lock), then
-    on the other hosts under that lock (tasks/app_releases.py). Three places in this order, so
-    pyinfra runs them in this order. The venv's install operation, or None."""
-    config, requirements = run.node.config, None
-    building = not on_host.built(target)
-    lock = _lock(run, build) if target == build.release else "known"
-    if building and lock == "leader":
-        requirements = _build(config, source, layout, build, locked=False)
-    if lock != "known":  # on every host that makes this venv: the other hosts' builds come after
-        app_releases.record_lock(
-            name=f"Record the packages of the venv {build.venv_id} (resolved by the first host that builds it)",
-            venv=build.venv_id,
-            path=layout.venv(build.venv_id),
-            leader=lock == "leader",
-            user=config.app_name,
-        )
-    if building and lock != "leader":
-        if lock == "follower":
-            app_releases.receive_lock(
-                name=f"Write the lock of the venv {build.venv_id} that the first host recorded",
-                venv=build.venv_id,
-                path=layout.venv(build.venv_id),
-            )
-        requirements = _build(config, source, layout, build, locked=True)
-    return requirements
 
 
 def gate_subject(node: Node) -> gate.Subject:
@@ -513,7 +483,7 @@ def queue_type(run: Run, existing: dict[str, str], python: str) -> str:
     on a clash with the queues that exist); what the Celery of the release's venv (``python``)
     then lacks is printed."""
     config = run.node.config
-    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=python, user=config.app_name)
+    celery = host.get_fact(rabbitmq.CeleryQuorumSupport, python=python)
     chosen, why = rabbitmq.queue_type(config, existing, celery)
     if why:
         logger.warning(f"{host.name}: {why}")
@@ -525,7 +495,7 @@ def _check_installed_celery(config: settings.Settings, existing: dict[str, str],
     it now holds, which stops the deploy before the switch on a clash with the queues RabbitMQ
     holds, or prints what that Celery lacks."""
     probe = rabbitmq.CeleryQuorumSupport()
-    _, output = host.run_shell_command(probe.command(python=python, user=config.app_name))
+    _, output = host.run_shell_command(probe.command(python=python))
     _, why = rabbitmq.queue_type(config, existing, probe.process(output.stdout_lines))
     if why:
         logger.warning(f"{host.name}: {why}")
@@ -544,59 +514,28 @@ def _workdir_of(config: settings.Settings, source: Source, release: str) -> str:
 
 @dataclass(frozen=True)
 class Build:
-    """The release this deploy's code and settings make: its id, its venv's id, and what that
-    venv installs (its fingerprint, from ``_packages``)."""
+    """The release this deploy's code and settings make: its id, its venv's id and that venv
+    (where, and what installs into it)."""
 
     release: str
     venv_id: str
-    fingerprint: str
+    venv: Venv
 
 
-def python_of(node: Node) -> str:
-    """The interpreter ``node``'s venv is made with, as exactly as is known before the host is
-    touched: app_python, with its release's version for the default ``python3`` (a host
-    upgraded to another release gets a new venv; the old one's packages are for the old Python)."""
-    python = node.config.app_python
-    release = releases.known(node.release())
-    return f"{python} ({release.python})" if python == "python3" and release else python
-
-
-def _build_of(config: settings.Settings, source: Source, layout: Layout, python: str) -> Build:
+def _build_of(config: settings.Settings, source: Source, layout: Layout) -> Build:
     """The release ``source`` and ``config`` make, named by what it holds: the code's digest
-    and its venv's id, itself the digest of what the venv installs (``_packages``, made with
-    ``python``) and pip's configuration. Nothing on a host is read: the same inputs make the same
-    ids everywhere."""
-    code = _code_digest(source, tuple(config.app_sync_exclude))
+    and its venv's id, itself the digest of what the venv installs (``_packages``) and pip's
+    configuration. Nothing on a host is read: the same inputs make the same ids everywhere."""
+    code = (
+        app_source.tree_digest(source.path, config)
+        if source.is_tree
+        else hashlib.sha256(source.path.read_bytes()).hexdigest()
+    )
     pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url).getvalue()
-    fingerprint = "\n".join([python, *_packages(config, source, code), pip_conf])
+    fingerprint = "\n".join([*_packages(config, source, code), pip_conf])
     venv_id = app_releases.digest(fingerprint)
-    return Build(app_releases.digest(code, venv_id), venv_id, fingerprint)
-
-
-@cache
-def _code_digest(source: Source, excluded: tuple[str, ...]) -> str:
-    """The digest of the code ``source`` holds, synced without ``excluded`` (app_sync_exclude):
-    once per run, although every host computes every application host's build (``_lock``)."""
-    if not source.is_tree:
-        return hashlib.sha256(source.path.read_bytes()).hexdigest()
-    return app_source.tree_digest(source.path, settings.Settings(app_sync_exclude=list(excluded)))
-
-
-def _lock(run: Run, build: Build) -> str:
-    """How this host's build of ``build``'s venv gets its lock (tasks/app_releases.py): "known"
-    (this machine keeps one: it is uploaded), "leader" (this host is the first application host
-    that makes this venv: it resolves the packages and records them) or "follower" (it waits
-    for the leader's record)."""
-    if app_releases.local_lock(build.venv_id).exists():
-        return "known"
-    for node in run.wiring.hosts(*settings.APP_GROUPS):
-        config = node.config
-        if (
-            _build_of(config, app_source.resolve(config), Layout(config.app_home), python_of(node)).venv_id
-            == build.venv_id
-        ):
-            return "leader" if node.name == run.node.name else "follower"
-    return "leader"
+    release = app_releases.digest(code, venv_id)
+    return Build(release, venv_id, _venv(config, source, layout.release(release), layout.venv(venv_id), fingerprint))
 
 
 def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHost, name: str) -> str:
@@ -617,14 +556,11 @@ def _target(config: settings.Settings, build: Build, on_host: app_releases.OnHos
     return chosen
 
 
-def _build(
-    config: settings.Settings, source: Source, layout: Layout, build: Build, locked: bool
-) -> OperationMeta | None:
+def _build(config: settings.Settings, source: Source, layout: Layout, build: Build) -> OperationMeta | None:
     """Build the release beside the running one: its code, its venv (unless a release with the
-    same packages built it; under the venv's lock when ``locked``), the link between them and,
-    last, its ``.built`` mark. The venv's install operation, or None when the venv was there."""
+    same packages built it), the link between them and, last, its ``.built`` mark. The venv's
+    install operation, or None when the venv was there."""
     app, path = config.app_name, layout.release(build.release)
-    venv = _venv(config, source, path, layout.venv(build.venv_id), build.fingerprint, locked)
     files.directory(
         name=f"Create {layout.home}/releases", path=f"{layout.home}/releases", user="root", group=app, mode="0755"
     )
@@ -633,11 +569,11 @@ def _build(
     )
     files.directory(name=f"Create the release {build.release}", path=path, user="root", group=app, mode="0755")
     _code(config, source, path)
-    requirements = python_venv(config, venv)
+    requirements = python_venv(config, build.venv)
     files.link(
         name=f"Link the release {build.release} to its venv {build.venv_id}",
         path=f"{path}/venv",
-        target=venv.path,
+        target=build.venv.path,
     )
     files.file(name=f"Mark the release {build.release} complete", path=f"{path}/.built", mode="0644")
     return requirements
@@ -755,20 +691,13 @@ def requirements_texts(path: Path, seen: frozenset[Path] = frozenset()) -> list[
     return [text, *(part for file in included for part in requirements_texts(file, seen | {path}))]
 
 
-def _venv(config: settings.Settings, source: Source, release: str, venv: str, fingerprint: str, locked: bool) -> Venv:
+def _venv(config: settings.Settings, source: Source, release: str, venv: str, fingerprint: str) -> Venv:
     """The application's venv (made with app_python) at ``venv``, installed from the
     ``release`` directory: its requirements file, or the project itself (pyproject.toml, or
     the wheel/sdist) with its dependencies, then app_python_packages, all under
-    app_constraints and, when ``locked``, the venv's lock (``fingerprint``: what it installs).
-    The lock is uploaded when this machine keeps one, else written by ``receive_lock``."""
+    app_constraints (``fingerprint``: what it installs, from ``_packages``)."""
     pip_path = f"{venv}/bin/pip"
-    options: list[str] = []
-    uploads: dict[Path, str] = {}
-    if locked:
-        lock = app_releases.local_lock(Path(venv).name)
-        if lock.exists():
-            uploads[lock] = f"{venv}/{app_releases.LOCK_FILE}"
-        options += ["--constraint", f"{venv}/{app_releases.LOCK_FILE}"]
+    options, uploads = [], {}
     if config.app_constraints:
         if source.is_tree:  # in the release's source tree
             remote = f"{release}/src/{config.app_constraints}"

@@ -20,29 +20,15 @@ On each application host, under app_home:
 A release's id is a digest of what it holds (the code and its venv's), so the same settings
 and code are the same release: a re-run finds it built and current and changes nothing, and a
 deploy of code that ran before switches back to that release without building it.
-
-Every host of a venv installs the same packages: the first application host (in inventory
-order) that makes a venv resolves its requirements, and what pip installed (``pip freeze``) is
-kept as that venv's lock on the machine running pyinfra (``.stack-cache/locks``, git-ignored);
-the other hosts' builds of it, in the same run (after the first host's, which pyinfra orders by
-``record_lock``) or in a later one (a host added since), install under that lock as a
-constraints file. A requirement left unpinned thus resolves once, not once per host.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-from pyinfra import host, logger
-from pyinfra.api import FactBase, StringCommand, operation
-from pyinfra.context import state
-
-import settings
+from pyinfra.api import FactBase
 
 #: Characters of a digest in a release's or a venv's id.
 ID_LENGTH = 12
@@ -164,60 +150,3 @@ class Releases(FactBase):
                 current = rest.removeprefix("releases/")
         releases = {name: Release(name, moment, name in built, venv_of.get(name, "")) for name, moment in used.items()}
         return OnHost(releases, frozenset(venvs), current)
-
-
-#: Where the machine running pyinfra keeps each venv's lock (git-ignored).
-LOCK_DIR = settings.PROJECT_DIR / ".stack-cache" / "locks"
-#: The lock's name in a venv, which its build reads as a constraints file.
-LOCK_FILE = "requirements.lock"
-
-
-def local_lock(venv: str) -> Path:
-    """The lock of the venv ``venv`` (its id) on the machine running pyinfra."""
-    return LOCK_DIR / f"{venv}.txt"
-
-
-def lock_lines(freeze: list[str]) -> list[str]:
-    """The pins of ``pip freeze --all`` that a constraints file can hold: not what was
-    installed from a path or URL (the project itself, ``name @ url``, ``-e``), which the
-    requirements name anyway."""
-    return [line for line in freeze if line and not line.startswith(("-e", "#")) and " @ " not in line]
-
-
-@operation()
-def record_lock(venv: str, path: str, leader: bool, user: str):
-    """
-    On the first host that makes the venv ``venv`` (``leader``; at ``path``), once it is built:
-    keep what pip installed (``pip freeze``, run as ``user``: no package's code runs as root) as
-    the venv's lock on the machine running pyinfra. Every application host that makes the venv
-    runs this operation (a no-op but on the first), so that pyinfra orders the other hosts'
-    builds, which read the lock (``receive_lock``), after it. Yields no command.
-    """
-    if state.is_executing and leader:
-        status, output = host.run_shell_command(f"runuser -u {user} -- {path}/bin/pip freeze --all")
-        if status:
-            lock = local_lock(venv)
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            pins = "\n".join(lock_lines(output.stdout_lines))
-            written = lock.with_name(f"{lock.name}.{os.getpid()}")  # renamed: a reader sees all or nothing
-            written.write_text(f"# The packages of the venv {venv}, as pip resolved them on {host.name}.\n{pins}\n")
-            written.replace(lock)
-        else:
-            logger.warning(f"{host.name}: could not read the packages of the venv {venv}: {output.stderr}")
-    yield from ()
-
-
-@operation()
-def receive_lock(venv: str, path: str):
-    """
-    Before this host builds the venv ``venv`` at ``path``: write the lock the first host recorded
-    (``record_lock``) where the build reads it. Without one (that host's build failed, or it is
-    not in this run), an empty lock and a warning: this host resolves the packages itself.
-    """
-    if not state.is_executing:
-        return
-    lock = local_lock(venv)
-    text = lock.read_text() if lock.exists() else ""
-    if not text:
-        logger.warning(f"{host.name}: no lock of the venv {venv} was recorded by the first host: this host resolves it")
-    yield StringCommand("mkdir", "-p", path, "&&", "printf", "'%s'", shlex.quote(text), ">", f"{path}/{LOCK_FILE}")

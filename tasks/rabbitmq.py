@@ -74,15 +74,14 @@ class RabbitmqDefinitions(FactBase):
 class CeleryQuorumSupport(FactBase):
     """The version of Celery a venv's ``python`` imports and whether that Celery can put every
     queue on quorum queues (it has ``task_create_missing_queue_exchange_type``: Celery 5.6),
-    or None before the venv has Celery. Run as ``user`` (the application's): the venv's packages
-    may run code when Python starts (a ``.pth`` file), and none of theirs runs as root."""
+    or None before the venv has Celery."""
 
-    def command(self, python: str, user: str) -> str:
+    def command(self, python: str) -> str:
         probe = (
             "import celery, celery.app.defaults as d; "
             "print(celery.__version__, 'create_missing_queue_exchange_type' in d.NAMESPACES['task'])"
         )
-        return f'test -x {python} && runuser -u {user} -- {python} -c "{probe}" 2>/dev/null || true'
+        return f'test -x {python} && {python} -c "{probe}" 2>/dev/null || true'
 
     def process(self, output: list[str]) -> tuple[str, bool] | None:
         words = " ".join(output).split()

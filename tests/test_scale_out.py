@@ -12,7 +12,6 @@ other tests run.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -31,7 +30,6 @@ from clients import (
     task_result,
     wait_until,
 )
-from tasks.app_releases import LOCK_DIR, LOCK_FILE, lock_lines
 
 pytestmark = pytest.mark.bench
 
@@ -63,24 +61,6 @@ def test_six_hosts_converge_and_a_rerun_changes_nothing(scaled: Cluster):
     fresh, again = scaled.runs[:2]
     assert fresh.returncode == 0, fresh.stderr[-6000:]
     assert again.returncode == 0 and again.changed == [], again.changed
-
-
-def test_every_application_host_runs_the_packages_of_one_lock(scaled: Cluster):
-    """The first application host resolves the venv, what pip installed is kept as the venv's
-    lock on the machine running pyinfra (tasks/app_releases.py), and every other application
-    host installs under it (its venv holds it, as the constraints file its build read): the four
-    hosts run the same packages. (Were the other hosts' builds run before the lock was recorded,
-    their locks would be empty.)"""
-    hosts = [host for host in scaled.hosts.values() if {"web", "workers", "beat"} & set(host.groups)]
-    venv = f"/opt/{APP}/current/venv"
-    lock = LOCK_DIR / f"{Path(hosts[0].exec(f'readlink -f {venv}').strip()).name}.txt"
-    pins = sorted(line for line in lock.read_text().splitlines() if not line.startswith("#"))
-    assert len(hosts) == 4 and pins, (len(hosts), pins)
-    for host in hosts:
-        assert sorted(lock_lines(host.exec(f"{venv}/bin/pip freeze --all").splitlines())) == pins, host.name
-    for host in hosts[1:]:  # the first host's venv has a lock too when this machine had one before
-        written = host.exec(f"cat {venv}/{LOCK_FILE}").splitlines()
-        assert sorted(line for line in written if not line.startswith("#")) == pins, host.name
 
 
 def test_prometheus_reaches_every_target_of_every_host_through_the_firewalls(scaled: Cluster):
