@@ -618,7 +618,7 @@ def _prune(
         files.directory(
             name=f"Remove the venv {venv_id}, which no kept release uses", path=layout.venv(venv_id), present=False
         )
-    for path in ("src", "dist", "venv"):
+    for path in sorted(on_host.legacy):
         files.directory(
             name=f"Remove {layout.home}/{path}, where a deploy before releases put the application",
             path=f"{layout.home}/{path}",

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from pyinfra.api import FactBase
 
+#: Where a deploy before releases put the code and the venv, under app_home.
+LEGACY = ("src", "dist", "venv")
 #: Characters of a digest in a release's or a venv's id.
 ID_LENGTH = 12
 #: A release's id, as ``app_release`` may name one.
@@ -82,12 +84,14 @@ class Release:
 
 @dataclass(frozen=True)
 class OnHost:
-    """The releases and venvs on a host, and the release ``current`` points at (None before the
-    first release, e.g. on a host deployed before releases existed)."""
+    """The releases and venvs on a host, the release ``current`` points at (None before the
+    first release, e.g. on a host deployed before releases existed), and what a deploy before
+    releases left in app_home (``LEGACY``)."""
 
     releases: dict[str, Release]
     venvs: frozenset[str]
     current: str | None
+    legacy: frozenset[str] = frozenset()
 
     def built(self, release: str) -> bool:
         return release in self.releases and self.releases[release].built
@@ -121,6 +125,7 @@ class Releases(FactBase):
             f"find {releases} -mindepth 2 -maxdepth 2 -name .built -printf 'built %h\\n' 2>/dev/null; "
             f"find {releases} -mindepth 2 -maxdepth 2 -name venv -type l -printf 'venv %h %l\\n' 2>/dev/null; "
             f"find {venvs} -mindepth 1 -maxdepth 1 -type d -printf 'venvs %f\\n' 2>/dev/null; "
+            f"for path in {' '.join(LEGACY)}; do [ -e {home}/$path ] && echo legacy $path; done; "
             f"printf 'current %s\\n' \"$(readlink {home}/current)\""
         )
 
@@ -133,6 +138,7 @@ class Releases(FactBase):
         built: set[str] = set()
         venv_of: dict[str, str] = {}
         venvs: set[str] = set()
+        legacy: set[str] = set()
         current = None
         for line in output:
             kind, _, rest = line.partition(" ")
@@ -146,7 +152,9 @@ class Releases(FactBase):
                 venv_of[path.rsplit("/", 1)[-1]] = target.rstrip("/").rsplit("/", 1)[-1]
             elif kind == "venvs":
                 venvs.add(rest)
+            elif kind == "legacy":
+                legacy.add(rest)
             elif kind == "current" and rest.startswith("releases/"):
                 current = rest.removeprefix("releases/")
         releases = {name: Release(name, moment, name in built, venv_of.get(name, "")) for name, moment in used.items()}
-        return OnHost(releases, frozenset(venvs), current)
+        return OnHost(releases, frozenset(venvs), current, frozenset(legacy))

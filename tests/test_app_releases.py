@@ -118,10 +118,12 @@ def test_the_fact_reads_the_releases_their_venvs_and_the_current_one(tmp_path: P
     make_release(tmp_path, "b" * 12, "v2", built=False, used=2000)
     (tmp_path / "venvs" / "v3").mkdir()
     (tmp_path / "current").symlink_to("releases/" + "a" * 12)
+    (tmp_path / "venv").mkdir()  # what a deploy before releases left
     assert run_fact(tmp_path) == OnHost(
         {"a" * 12: Release("a" * 12, 1000.0, True, "v1"), "b" * 12: Release("b" * 12, 2000.0, False, "v2")},
         frozenset({"v1", "v2", "v3"}),
         "a" * 12,
+        frozenset({"venv"}),
     )
 
 
