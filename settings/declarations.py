@@ -255,6 +255,13 @@ class Settings:
         "gate or app_release=previous switches back to one of them.",
         checks.releases_kept,
     )
+    app_batch_size: int = setting(
+        1,
+        "How many application hosts replace their release at once (sorted by name); the next batch waits "
+        "for their health gates, and a front stops sending them requests meanwhile. The same on every "
+        "application host.",
+        checks.positive,
+    )
     pip_index_url: str = setting(
         "", "Python package index for the venv (a mirror); empty for pip's default.", checks.url_or_empty
     )

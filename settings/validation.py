@@ -21,7 +21,7 @@ from settings.declarations import Secrets, Settings
 from settings.secrets import load_secrets
 
 #: Settings every application host must share: one broker, one result store, one code base.
-SAME_ON_APP_HOSTS = (("celery_broker", "celery_result_backend"), ("app_source", "app_git_ref"))
+SAME_ON_APP_HOSTS = (("celery_broker", "celery_result_backend"), ("app_source", "app_git_ref"), ("app_batch_size",))
 #: Per-host data that is not a setting: the address other hosts reach this one on.
 HOST_KEYS = ("private_address",)
 #: Host data that belongs to pyinfra and its connectors, not to us.

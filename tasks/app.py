@@ -15,8 +15,9 @@ project installed as a package (pyproject.toml, wheel, sdist) is reinstalled whe
 changes, which restarts. Nothing restarts when nothing changed; a unit this run started is not
 restarted right after. A host that no longer has a role has that role's units stopped,
 disabled and removed (so a moved beat never runs twice); so are those of an application the
-host ran under another ``app_name`` (``Applications``), before the new one starts. Last, the
-health gate (tasks/gate.py) fails the deploy unless the application works on the host.
+host ran under another ``app_name`` (``Applications``), before the new one starts. The switch,
+the units' (re)starts and the health gate (tasks/gate.py), which fails the deploy unless the
+application works on the host, run in the host's batch of the rolling switch (tasks/rollout.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from io import StringIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -37,7 +41,7 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, render, shipped_file
+from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, releases, render, rollout, shipped_file
 from tasks import source as app_source
 from tasks.app_releases import Layout
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
@@ -216,7 +220,7 @@ def _unchanged(*operations: OperationMeta):
 
 
 @deploy("Application")
-def application(run: Run) -> None:
+def application(run: Run) -> rollout.Switch:
     config = run.node.config
     app, home = config.app_name, config.app_home
 
@@ -241,12 +245,16 @@ def application(run: Run) -> None:
     source = app_source.resolve(config)
     layout = Layout(home)
     on_host = host.get_fact(app_releases.Releases, home=home)
-    build = _build_of(config, source, layout)
+    build = _build_of(config, source, layout, python_of(run.node))
     target = _target(config, build, on_host, host.name)
     target_python = f"{layout.release(target)}/venv/bin/python"
     requirements = None
+    same_packages = None
     if not on_host.built(target):
-        requirements = _build(config, source, layout, build)
+        lock = partial(_peer_lock, run, build.venv_id)
+        requirements = _build(config, source, layout, replace(build, venv=replace(build.venv, lock=lock)))
+        if requirements is not None:
+            same_packages = _same_packages(run, build, layout, requirements)
     existing = existing_queue_types(run)
     queues = queue_type(run, existing, target_python)
     if requirements is not None:
@@ -327,32 +335,44 @@ def application(run: Run) -> None:
     gate.install(run.node, subject, workdir(config, source))
     if on_host.current != target:
         gate.loads(run.node, subject, target, target_python, _workdir_of(config, source, layout.release(target)))
-    switch = _switch(layout, target, on_host, build, source)
-    changes = {
-        "release": [switch] if switch is not None else [],
-        "gunicorn_config": [gunicorn_config],
-        "environment": [environment],
-        "libraries": libraries,
-        "flower_packages": [flower] if flower is not None else [],
-        "flower_environment": [flower_environment] if flower_environment is not None else [],
-    }
-    started = _units(run.node, source, changes)
-    files.link(
-        name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
-        path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
-        target=gunicorn_deaths_file(app),
-        present=run.node.has("web") and run.node.monitored,
-    )
-    if switched or pending:
-        _hand_over(run)
     previous = on_host.current if on_host.current != target and on_host.built(on_host.current or "") else None
-    gate.passes(
-        name="Check that the application works on this host (the health gate)",
-        app=app,
-        settle=any_changed(*started),
-        back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
+
+    @deploy("Application")
+    def operations() -> OperationMeta:
+        """In this host's batch of the rolling switch (tasks/rollout.py): switch to the
+        release, (re)start the units, run the health gate (its error is held: the front takes
+        the host back first) and, once it passed, prune."""
+        switch = _switch(layout, target, on_host, build, source)
+        changes = {
+            "release": [switch] if switch is not None else [],
+            "gunicorn_config": [gunicorn_config],
+            "environment": [environment],
+            "libraries": libraries,
+            "flower_packages": [flower] if flower is not None else [],
+            "flower_environment": [flower_environment] if flower_environment is not None else [],
+        }
+        started = _units(run.node, source, changes)
+        files.link(
+            name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
+            path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
+            target=gunicorn_deaths_file(app),
+            present=run.node.has("web") and run.node.monitored,
+        )
+        if switched or pending:
+            _hand_over(run)
+        verdict = gate.passes(
+            name="Check that the application works on this host (the health gate)",
+            app=app,
+            settle=any_changed(*started),
+            back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
+            _ignore_errors=True,
+        )
+        _prune(config, layout, on_host, target, build.venv_id if target == build.release else None, verdict)
+        return verdict
+
+    return rollout.Switch(
+        operations, replaces=on_host.current is not None and on_host.current != target, check=same_packages
     )
-    _prune(config, layout, on_host, target, build.venv_id if target == build.release else None)
 
 
 def gate_subject(node: Node) -> gate.Subject:
@@ -522,17 +542,28 @@ class Build:
     venv: Venv
 
 
-def _build_of(config: settings.Settings, source: Source, layout: Layout) -> Build:
+def python_of(node: Node) -> str:
+    """What app_python is on ``node``: the default python3 with its release's version (a host
+    upgraded to another release gets another venv, and so another release), any other as named."""
+    python = node.config.app_python
+    if python != "python3":
+        return python
+    known = releases.known(node.release())
+    return f"python3 ({known.python})" if known else f"python3 of {' '.join(map(str, node.release()))}"
+
+
+def _build_of(config: settings.Settings, source: Source, layout: Layout, python: str) -> Build:
     """The release ``source`` and ``config`` make, named by what it holds: the code's digest
-    and its venv's id, itself the digest of what the venv installs (``_packages``) and pip's
-    configuration. Nothing on a host is read: the same inputs make the same ids everywhere."""
+    and its venv's id, itself the digest of what the venv installs (``_packages``, with
+    ``python``: ``python_of``) and pip's configuration. Nothing else of a host is read: the same
+    inputs make the same ids everywhere."""
     code = (
         app_source.tree_digest(source.path, config)
         if source.is_tree
         else hashlib.sha256(source.path.read_bytes()).hexdigest()
     )
     pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url).getvalue()
-    fingerprint = "\n".join([*_packages(config, source, code), pip_conf])
+    fingerprint = "\n".join([python, *_packages(config, source, code), pip_conf])
     venv_id = app_releases.digest(fingerprint)
     release = app_releases.digest(code, venv_id)
     return Build(release, venv_id, _venv(config, source, layout.release(release), layout.venv(venv_id), fingerprint))
@@ -579,6 +610,74 @@ def _build(config: settings.Settings, source: Source, layout: Layout, build: Bui
     return requirements
 
 
+#: In each application venv: what its build installed (``pip freeze``, without what came from a
+#: path or URL, such as the project itself), which another host's build of that venv installs under.
+LOCK = "requirements.lock"
+#: In each application venv: the lock its build installed under (another host's), or a comment.
+PEER_LOCK = "peer.lock"
+
+
+def _peer_lock(run: Run, venv_id: str) -> str:
+    """The lock of the venv ``venv_id`` on the first other application host (inventory order)
+    that has it, for this host's build to install under: the same packages, whenever this host
+    builds it (a host added later too). A comment when none has it: this host resolves it."""
+    for node in run.wiring.hosts(*settings.APP_GROUPS):
+        if node.name == run.node.name:
+            continue
+        path = f"{Layout(node.config.app_home).venv(venv_id)}/{LOCK}"
+        lines = inventory.get_host(node.name).get_fact(FileContents, path=path)
+        if lines:
+            return "\n".join([f"# The packages of the venv {venv_id} on {node.name}.", *lines]) + "\n"
+    return f"# No other application host had the venv {venv_id}: this host resolved it.\n"
+
+
+def lock_difference(locks: dict[str, list[str]], me: str, order: list[str]) -> tuple[str, list[str], list[str]] | None:
+    """Compare ``me``'s lock with the lock of the first host of ``locks`` in ``order``: None when
+    they hold the same packages (or ``me`` is that host, or built none); else that host, the
+    lines only ``me``'s holds and those only its holds."""
+    first = min(locks, key=order.index, default=None)
+    if first is None or first == me or me not in locks:
+        return None
+    mine, theirs = set(locks[me]), set(locks[first])
+    return None if mine == theirs else (first, sorted(mine - theirs), sorted(theirs - mine))
+
+
+#: Venv id → host name → the operation that read the lock of the venv it built in this run.
+BUILT: dict[str, dict[str, OperationMeta]] = {}
+
+
+def _same_packages(run: Run, build: Build, layout: Layout, install: OperationMeta) -> Callable[[], str | None]:
+    """Read what this host's build of the venv installed, and return the check that, once every
+    host has built (the rolling switch's first step), compares it with the first host (inventory
+    order) that built the same venv in this run: hosts that build at once resolve at once, so a
+    requirement left unpinned may still resolve differently if the index changed meanwhile. On a
+    difference: the command that removes this host's release and venv (the next deploy builds
+    them under that host's lock) and fails, saying which packages differ."""
+    venv = build.venv.path
+    BUILT.setdefault(build.venv_id, {})[run.node.name] = server.shell(
+        name=f"Read the packages the venv {build.venv_id} installed (its lock)",
+        commands=[f"cat {venv}/{LOCK}"],
+        _if=install.did_change,
+    )
+    order = [node.name for node in run.wiring.nodes]
+
+    def differs() -> str | None:
+        locks = {name: read.stdout_lines for name, read in BUILT[build.venv_id].items() if read.did_change()}
+        difference = lock_difference(locks, run.node.name, order)
+        if difference is None:
+            return None
+        first, mine, theirs = difference
+        said = (
+            f"{run.node.name} installed other packages for the venv {build.venv_id} than {first}, in the same run "
+            f"(a requirement left unpinned resolved differently): here {mine}, there {theirs}. This host's "
+            f"release and venv are removed: the next deploy builds them under {first}'s packages; pin them "
+            "(app_constraints) to choose."
+        )
+        return rollout.refusal(said, first=f"rm -rf {layout.release(build.release)} {venv}")
+
+    return differs
+
+
 def _switch(
     layout: Layout, target: str, on_host: app_releases.OnHost, build: Build, source: Source
 ) -> OperationMeta | None:
@@ -601,28 +700,39 @@ def _switch_back(node: Node, layout: Layout, previous: str) -> gate.SwitchBack:
 
 
 def _prune(
-    config: settings.Settings, layout: Layout, on_host: app_releases.OnHost, target: str, venv: str | None
+    config: settings.Settings,
+    layout: Layout,
+    on_host: app_releases.OnHost,
+    target: str,
+    venv: str | None,
+    gate_op: OperationMeta,
 ) -> None:
-    """Once the gate passed: remove the releases beyond app_releases_kept and the venvs no kept
+    """Once the gate (``gate_op``) passed: remove the releases beyond app_releases_kept and the venvs no kept
     release uses (``OnHost.unwanted``), and what a deploy before releases left in <home>."""
     kept = config.app_releases_kept
     target_venv = venv if venv is not None else on_host.releases[target].venv
     releases, venvs = on_host.unwanted(target, target_venv, kept)
+    passed = gate_op.did_succeed
     for release in releases:
         files.directory(
             name=f"Remove the release {release} (beyond the {kept} kept, app_releases_kept)",
             path=layout.release(release),
             present=False,
+            _if=passed,
         )
     for venv_id in venvs:
         files.directory(
-            name=f"Remove the venv {venv_id}, which no kept release uses", path=layout.venv(venv_id), present=False
+            name=f"Remove the venv {venv_id}, which no kept release uses",
+            path=layout.venv(venv_id),
+            present=False,
+            _if=passed,
         )
     for path in sorted(on_host.legacy):
         files.directory(
             name=f"Remove {layout.home}/{path}, where a deploy before releases put the application",
             path=f"{layout.home}/{path}",
             present=False,
+            _if=passed,
         )
 
 
@@ -662,10 +772,10 @@ def _requirements_file(config: settings.Settings, source: Source) -> bool:
 
 
 def _packages(config: settings.Settings, source: Source, code: str) -> list[str]:
-    """What the application's venv installs, as ``_venv`` installs it: the Python, the extra
-    packages and constraints, and the requirements file or, for a project installed as a
-    package, its code (``code``, its digest)."""
-    parts = [config.app_python, *config.app_python_packages]
+    """What the application's venv installs, as ``_venv`` installs it (besides the Python):
+    the extra packages and constraints, and the requirements file or, for a project installed
+    as a package, its code (``code``, its digest)."""
+    parts = [*config.app_python_packages]
     if config.app_constraints:
         base = source.path if source.is_tree else settings.PROJECT_DIR
         parts.append((base / Path(config.app_constraints).expanduser()).read_text())
@@ -697,7 +807,7 @@ def _venv(config: settings.Settings, source: Source, release: str, venv: str, fi
     the wheel/sdist) with its dependencies, then app_python_packages, all under
     app_constraints (``fingerprint``: what it installs, from ``_packages``)."""
     pip_path = f"{venv}/bin/pip"
-    options, uploads = [], {}
+    options, uploads = ["--constraint", f"{venv}/{PEER_LOCK}"], {}
     if config.app_constraints:
         if source.is_tree:  # in the release's source tree
             remote = f"{release}/src/{config.app_constraints}"
@@ -773,14 +883,17 @@ class Venv:
     commands: list[str]
     fingerprint: str
     uploads: dict[Path, str] = field(default_factory=dict)
+    #: What its build installs under (``PEER_LOCK``): another host's lock, or a comment without one.
+    lock: Callable[[], str] | None = None
 
 
 def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
     """Create ``venv`` with its Python, upload its files and run its install commands only
     when its fingerprint (what they install) or pip's configuration changed since the last
     successful install: `pip install` runs, and reports a change, on every call, so a stamp of
-    what was installed decides, written after success only. The install operation, or None
-    when there is nothing to install."""
+    what was installed decides, written after success only. Before an install, the venv's
+    ``lock`` (another host's packages) is written where the install reads it as constraints.
+    The install operation, or None when there is nothing to install."""
     pip_conf = render("app/pip.conf.j2", index_url=config.pip_index_url)
     what = venv.what
     pip.venv(name=f"Create the venv {venv.path} of {what}", path=venv.path, python=venv.python)
@@ -793,6 +906,13 @@ def python_venv(config: settings.Settings, venv: Venv) -> OperationMeta | None:
     wanted = hashlib.sha256((venv.fingerprint + pip_conf.getvalue()).encode()).hexdigest()
     if not venv.commands or (host.get_fact(FileContents, path=stamp_file) or [""])[0] == wanted:
         return None
+    if venv.lock is not None:
+        files.put(
+            name=f"Write the packages {what} installs under (another host's lock of the venv)",
+            src=StringIO(venv.lock()),
+            dest=f"{venv.path}/{PEER_LOCK}",
+            mode="0644",
+        )
     return server.shell(
         name=f"Install the Python packages of {what} into its venv, as {builder(config.app_name)}",
         commands=[_explained(venv, config.app_name), f"echo {wanted} > {stamp_file}"],
@@ -837,10 +957,13 @@ PIP_CHECK_MARK = "stack-pip-check:"
 
 def _checked(venv: Venv) -> list[str]:
     """``venv``'s install commands, then ``pip check``: every installed package's requirements
-    met. pip's resolver looks only at what one command installs, so a package an earlier
-    install left (pip never removes one) or a second command can break another's requirements
-    with exit status 0."""
-    return [*venv.commands, f"echo {PIP_CHECK_MARK} && {venv.path}/bin/pip check"]
+    met (pip's resolver looks only at what one command installs, so a second command can break
+    another's requirements with exit status 0); then what was installed, as the venv's ``LOCK``."""
+    return [
+        *venv.commands,
+        f"echo {PIP_CHECK_MARK} && {venv.path}/bin/pip check",
+        f"{venv.path}/bin/pip freeze --all --exclude-editable | sed '/ @ /d' > {venv.path}/{LOCK}",
+    ]
 
 
 #: The first line of an install's log: who ran pip.

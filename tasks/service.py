@@ -91,7 +91,7 @@ class Service:
     It runs on the hosts of any of ``groups`` (every host when empty) for which ``when`` holds;
     ``packages``, ``units`` (the units it owns or watches, each of which alerts when it is not
     active) and ``ports`` are what such a host gets, and ``deploy`` configures it on the
-    current host. A ``single`` service has exactly one server: its group may hold one host."""
+    current host (the application's returns its part of the rolling switch, tasks/rollout.py). A ``single`` service has exactly one server: its group may hold one host."""
 
     name: str
     #: A ``@deploy`` function of one argument, the ``Run``.

@@ -146,6 +146,8 @@ class RequestLoop:
         self.hosts, self.limit, self.port = hosts, limit_seconds, port
         self.ok, self.failures, self.releases, self.served_by = 0, [], set(), set()
         self.answered_at: list[float] = []
+        #: (when, release, host) of each answer, in the order they arrived.
+        self.answers: list[tuple[float, str | None, str | None]] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
@@ -183,6 +185,7 @@ class RequestLoop:
                         self.served_by.add(body.get("host"))
                         self.ok += 1
                         self.answered_at.append(time.monotonic())
+                        self.answers.append((self.answered_at[-1], body.get("release"), body.get("host")))
                 except requests.RequestException as error:
                     with self.lock:
                         self.failures.append(f"{host.name}: {error}")

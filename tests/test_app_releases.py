@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import settings
-from tasks import app, app_releases, gate
+from tasks import app, app_releases, gate, registry
 from tasks.app_releases import Layout, OnHost, Release
 from tasks.source import Source
 
@@ -33,8 +33,10 @@ _spec.loader.exec_module(stack_check)
 REFERENCE = settings.PROJECT_DIR / "files" / "app"
 
 
-def build_of(source: Path, **config) -> app.Build:
-    return app._build_of(settings.Settings(**config), Source("directory", source), Layout("/opt/stackapp"))
+def build_of(source: Path, release: tuple[str, int] = ("Debian", 12), **config) -> app.Build:
+    """The build of ``source`` with ``config`` on a web host of ``release``."""
+    _, node = registry.example(("web",), ("web",), release, **config)
+    return app._build_of(node.config, Source("directory", source), Layout("/opt/stackapp"), app.python_of(node))
 
 
 @pytest.fixture
@@ -65,6 +67,36 @@ def test_the_same_inputs_make_the_same_release_and_a_code_change_a_new_one_with_
 )
 def test_what_the_venv_installs_and_how_makes_a_new_venv(reference: Path, config: dict):
     assert build_of(reference, **config).venv_id != build_of(reference).venv_id
+
+
+def test_a_host_upgraded_to_another_release_gets_another_venv_for_its_python3(reference: Path):
+    """python3 is 3.11 on Debian 12 and 3.13 on Debian 13: the venv of one is no use to the other."""
+    bookworm, trixie = build_of(reference), build_of(reference, release=("Debian", 13))
+    assert bookworm.venv_id != trixie.venv_id and bookworm.release != trixie.release
+    named = build_of(reference, app_python="python3.11")
+    assert named == build_of(reference, release=("Debian", 13), app_python="python3.11")
+
+
+def test_every_build_installs_under_another_hosts_lock_and_records_its_own(reference: Path):
+    venv = build_of(reference).venv
+    assert f"--constraint {venv.path}/{app.PEER_LOCK}" in venv.commands[0]
+    assert app._checked(venv)[-1] == (
+        f"{venv.path}/bin/pip freeze --all --exclude-editable | sed '/ @ /d' > {venv.path}/{app.LOCK}"
+    )
+
+
+@pytest.mark.parametrize(
+    "locks, me, expected",
+    [
+        ({"a": ["x==1"], "b": ["x==1"]}, "b", None),
+        ({"a": ["x==1", "y==1"], "b": ["x==2", "y==1"]}, "b", ("a", ["x==2"], ["x==1"])),
+        ({"a": ["x==1"], "b": ["x==2"]}, "a", None),  # the first host is the reference
+        ({"b": ["x==2"], "c": ["x==1"]}, "c", ("b", ["x==1"], ["x==2"])),  # a did not build it
+        ({"a": ["x==1"]}, "b", None),  # b built nothing
+    ],
+)
+def test_a_host_is_compared_with_the_first_host_that_built_the_same_venv(locks, me, expected):
+    assert app.lock_difference(locks, me, order=["a", "b", "c"]) == expected
 
 
 def test_a_requirement_change_makes_a_new_venv_and_its_commands_read_the_new_releases_tree(reference: Path):

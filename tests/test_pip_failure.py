@@ -85,3 +85,11 @@ def test_unmet_requirements_found_by_pip_check_are_named_with_the_fix(tmp_path, 
 
 def test_the_marker_before_pip_checks_output_is_the_deploys():
     assert pip_failure.PIP_CHECK_MARK == app.PIP_CHECK_MARK
+
+
+def test_a_resolution_conflict_names_the_requirements_that_conflict(tmp_path, capsys):
+    """As with another host's lock (a constraint) that pins a version the index lacks."""
+    said = explain(tmp_path, capsys, (SAMPLES / "pip-23-constraint-conflict.log").read_text())
+    assert "ERROR: Cannot install humanize because these package versions have conflicting dependencies." in said
+    assert "the conflict: The user requested humanize" in said
+    assert "the conflict: The user requested (constraint) humanize==0.0.1" in said

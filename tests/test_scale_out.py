@@ -11,15 +11,18 @@ other tests run.
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 import settings
-from bench import Cluster
+from bench import PROJECT_DIR, Cluster
 from bench.topologies import TOPOLOGIES
 from clients import (
+    REPORT,
     RequestLoop,
     check_task_end_to_end,
     expected_answer,
@@ -30,6 +33,8 @@ from clients import (
     task_result,
     wait_until,
 )
+from faults.harness import SubmissionLoop, await_results
+from tasks.front import UPSTREAM
 
 pytestmark = pytest.mark.bench
 
@@ -221,3 +226,163 @@ def test_a_task_longer_than_the_old_300s_limit_runs_to_its_end_once(scaled: Clus
         f"SELECT extract(epoch FROM finished_at - started_at) FROM stackapp_executions WHERE task_id = '{task_id}'",
     )
     assert float(ran) >= LONG_TASK_SECONDS, f"the task ran {ran}s"
+
+
+# The rolling switches below restart the workers: they come after the long task's test, which
+# they would otherwise wait for.
+
+
+def _release_source(tmp_path: Path, release: str) -> Path:
+    """A copy of the reference app that says it is ``release``."""
+    source = tmp_path / release
+    shutil.copytree(PROJECT_DIR / "files" / "app", source)
+    module = source / "stackapp" / "release.py"
+    module.write_text(module.read_text().replace('"reference-1"', f'"{release}"'))
+    return source
+
+
+def _positions(run, *wanted: tuple[str, str]) -> list[int]:
+    """Where each (operation name prefix, host name) of ``wanted`` ran among the operations
+    that changed something, in the order pyinfra ran them; AssertionError for one that did not."""
+    ran = [(operation["name"], host) for operation in run.results["operations"] for host in operation["success"]]
+    positions = []
+    for prefix, host in wanted:
+        found = [i for i, (name, on) in enumerate(ran) if name.startswith(prefix) and on == host]
+        assert found, f"{prefix!r} did not run on {host}: {ran}"
+        positions.append(found[0])
+    return positions
+
+
+def test_a_release_rolls_over_the_hosts_in_batches_without_a_failed_request_or_a_lost_task(
+    scaled: Cluster, tmp_path: Path
+):
+    """A code change rolled over the six hosts (app_batch_size 1) while two clients send
+    requests through the front and another submits tasks: the application hosts switch one
+    after the other, each web host taken out of the front before its switch and back after its
+    gate; no request fails, no task is lost, and a re-run changes nothing."""
+    front = scaled.one("front")
+    source = _release_source(tmp_path, "reference-2")
+    try:
+        with RequestLoop([front], clients=2, port=FRONT_PORT) as loop, SubmissionLoop(scaled) as stream:
+            time.sleep(1)
+            started = time.monotonic()
+            run = scaled.deploy("--data", f"app_source={source}")
+            took = time.monotonic() - started
+            time.sleep(2)
+        assert run.returncode == 0, run.output[-6000:]
+        batches = _application_hosts(scaled)
+        switch = "Application | Switch the application to the release "
+        expected = []
+        for number, host in enumerate(batches, start=1):
+            batch = f"batch {number} of 4 ({host.address})"
+            if "web" in host.groups:
+                expected.append((f"Front (nginx) | Take the web hosts of {batch} out of the front", front.address))
+            expected.append((switch, host.address))
+            if "web" in host.groups:
+                expected.append((f"Front (nginx) | Take the web hosts of {batch} back into the front", front.address))
+        order = _positions(run, *expected)
+        assert order == sorted(order), order
+        assert front.exec(f"grep -c ' down;' {UPSTREAM} || true").strip() == "0", front.exec(f"cat {UPSTREAM}")
+        assert loop.failures == [], (
+            f"{len(loop.failures)} failed of {loop.ok + len(loop.failures)}: {loop.failures[:3]}"
+        )
+        # Once a web host answered with the new release, the other still answered with the old one.
+        first_new = min(when for when, release, host in loop.answers if release == "reference-2")
+        assert any(when > first_new and release == "reference-1" for when, release, host in loop.answers)
+        assert stream.refused == 0 and len(stream.answers) > 10, (stream.refused, len(stream.answers))
+        final = await_results(scaled, stream.answers)
+        lost = [
+            task
+            for task, answer in stream.answers.items()
+            if (final.get(task, {}).get("result") or {}).get("answer") != answer
+        ]
+        assert lost == [], f"{len(lost)} of {len(stream.answers)} tasks did not succeed"
+        again = scaled.deploy("--data", f"app_source={source}")
+        assert again.returncode == 0 and again.changed == [], again.changed
+        REPORT.append(
+            f"6 hosts, app_batch_size 1: a release rolled over 4 application hosts in {took:.0f} s (whole deploy) "
+            f"under load: {loop.ok} requests through the front, 0 failed; {len(stream.answers)} tasks, 0 lost"
+        )
+    finally:
+        restore = scaled.deploy()
+        assert restore.returncode == 0, restore.output[-6000:]
+
+
+def _application_hosts(cluster: Cluster) -> list:
+    """The application hosts in the order they switch: by inventory name (here their addresses)."""
+    return sorted(
+        (host for host in cluster.hosts.values() if host.name not in ("front", "data")), key=lambda host: host.address
+    )
+
+
+def test_a_release_that_fails_its_gate_in_the_first_batch_never_reaches_the_next(scaled: Cluster, tmp_path: Path):
+    """A release whose health answer fails (it imports, so the load check passes) switches the
+    first web host's batch only: its gate fails, the host switches back to the release it ran
+    and the front takes it back; the run stops before the next batch, so no later host ever runs
+    the release. No request through the front fails meanwhile."""
+    source = _release_source(tmp_path, "reference-3")
+    api = source / "stackapp" / "api.py"
+    api.write_text(api.read_text().replace("healthy = all(", "healthy = False and all("))
+    front = scaled.one("front")
+    hosts = _application_hosts(scaled)
+    failing = next(host for host in hosts if "web" in host.groups)
+    current = {host.name: host.exec(f"readlink /opt/{APP}/current") for host in hosts}
+    try:
+        with RequestLoop([front], clients=2, port=FRONT_PORT) as loop:
+            run = scaled.deploy("--data", f"app_source={source}", "--data", "app_health_timeout_seconds=10")
+        assert run.returncode != 0, "the deploy passed with a release whose health answer fails"
+        said = run.output.rpartition(f"{failing.address}: the application does not work after this deploy")[2]
+        assert "answered 503" in said and "Switched back to the release" in said and "it works" in said, said[-3000:]
+        stopped = f"{failing.address}: the health gate failed (above): the rolling switch stops before the next batch"
+        assert stopped in run.output, run.output[-4000:]
+        unchanged = [host for host in hosts if host.address >= failing.address]  # itself: switched back
+        assert {host.name: host.exec(f"readlink /opt/{APP}/current") for host in unchanged} == {
+            host.name: current[host.name] for host in unchanged
+        }
+        assert front.exec(f"grep -c ' down;' {UPSTREAM} || true").strip() == "0", front.exec(f"cat {UPSTREAM}")
+        assert loop.failures == [] and loop.releases == {"reference-1"}, (loop.failures[:3], loop.releases)
+    finally:
+        restore = scaled.deploy()
+        assert restore.returncode == 0, restore.output[-6000:]
+    check_task_end_to_end(scaled)
+
+
+def _venv_of(host) -> str:
+    return host.exec(f"readlink -f /opt/{APP}/current/venv").strip()
+
+
+def test_a_host_that_builds_a_venv_later_installs_the_packages_the_others_run(scaled: Cluster):
+    """Every host of a release runs the same packages, a host that builds its venv later
+    included: a build keeps what pip installed as the venv's lock, and another host's build of
+    the same venv installs under it. A new venv (an extra package) built on web1 alone
+    (--limit), then on worker2: with web1's lock changed to pin a version that does not exist,
+    worker2's build fails naming it; with web1's lock as its build made it, worker2 installs
+    exactly web1's packages."""
+    web1, worker2 = scaled.hosts["web1"], scaled.hosts["worker2"]
+    data = ["--data", "app_python_packages=humanize"]
+    before = _venv_of(worker2)
+    try:
+        first = scaled.deploy(*data, "--limit", web1.address)
+        assert first.returncode == 0, first.output[-6000:]
+        venv = _venv_of(web1)
+        lock = f"{venv}/requirements.lock"
+        pinned = web1.exec(f"grep '^humanize==' {lock}").strip()
+        web1.exec(f"sed -i 's/^humanize==.*/humanize==0.0.1/' {lock}")
+        refused = scaled.deploy(*data, "--limit", worker2.address)
+        assert refused.returncode != 0, "worker2's build did not install under web1's lock"
+        assert "humanize==0.0.1" in refused.output, refused.output[-4000:]
+        assert _venv_of(worker2) == before
+        web1.exec(f"sed -i 's/^humanize==.*/{pinned}/' {lock}")
+        built = scaled.deploy(*data, "--limit", worker2.address)
+        assert built.returncode == 0, built.output[-6000:]
+        assert _venv_of(worker2) == venv
+        assert (
+            worker2.exec(f"head -1 {venv}/peer.lock").strip()
+            == f"# The packages of the venv {venv.rsplit('/', 1)[1]} on {web1.address}."
+        )
+        freeze = f"{venv}/bin/pip freeze --all --exclude-editable | sed '/ @ /d'"
+        assert worker2.exec(freeze) == web1.exec(freeze) == web1.exec(f"cat {lock}")
+    finally:
+        restore = scaled.deploy()
+        assert restore.returncode == 0, restore.output[-6000:]
+    check_task_end_to_end(scaled)

@@ -100,6 +100,7 @@ def test_good_input_passes_and_defaults_apply():
         ({"extra_ca_certificates": ["/nonexistent/ca.pem"]}, "/nonexistent/ca.pem does not exist"),
         ({"private_address": "127.0.0.1"}, "is not reachable from other hosts"),
         ({"private_address": "db.internal"}, "private_address 'db.internal' is not an IP address"),
+        ({"app_batch_size": 0}, "app_batch_size must be"),
     ],
 )
 def test_bad_setting_is_named_with_its_fix(data, expected):
@@ -185,6 +186,15 @@ def test_topology_needs_the_servers_of_the_chosen_broker_and_backend():
     two_redis = FakeInventory(all_in_one() + [FakeHost("10.0.0.7", ["redis"])])
     with pytest.raises(settings.SettingsError, match="group redis has 2 hosts"):
         validate(two_redis, **GOOD_SECRETS)
+
+
+def test_application_hosts_switch_in_one_sequence_of_batches():
+    hosts = [FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres", "web", "beat"])]
+    hosts.append(FakeHost("10.0.1.1", ["workers"], app_batch_size=2))
+    with pytest.raises(
+        settings.SettingsError, match=r"application hosts disagree on app_batch_size \(\[\(1,\), \(2,\)\]\)"
+    ):
+        validate(FakeInventory(hosts), **GOOD_SECRETS)
 
 
 @pytest.mark.parametrize("beat_hosts", [0, 2])

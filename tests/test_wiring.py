@@ -108,7 +108,7 @@ def connections(runs_by_address: dict[str, Run]) -> list[tuple[str, str, int, st
                     (address, *target.split(":"), "Alertmanager") for target in manager["static_configs"][0]["targets"]
                 ]
         if run.node.has("front"):
-            for upstream in re.findall(r"^\s*server ([\d.]+:\d+)", front.site_file(run).getvalue(), re.M):
+            for upstream in re.findall(r"^\s*server ([\d.]+:\d+)", front.upstream_file(run).getvalue(), re.M):
                 made.append((address, *upstream.split(":"), "the front's upstream"))
         if run.node.has(*settings.APP_GROUPS):
             variables = app.environment_variables(run)

@@ -34,6 +34,8 @@ PIP_ERRORS = re.compile(r"^ERROR: ")
 #: Where pip quotes a failed build's own output ("╰─> [3 lines of output]" ... "[end of output]").
 BUILD_OUTPUT = re.compile(r"lines of output\]\s*$")
 END_OF_OUTPUT = "[end of output]"
+#: Where pip says which requirements conflict (each on an indented line below, up to a blank line).
+CONFLICT = "The conflict is caused by:"
 COLLECTING = re.compile(r"^Collecting (?P<name>[A-Za-z0-9._-]+)")
 #: The deploy's line before `pip check`'s output (tasks/app.py, PIP_CHECK_MARK).
 PIP_CHECK_MARK = "stack-pip-check:"
@@ -76,6 +78,15 @@ def last_build_output(lines: list[str], count: int = 3) -> list[str]:
     return quoted[-1][-count:] if quoted else []
 
 
+def conflict(lines: list[str]) -> list[str]:
+    """The requirements pip says conflict ("The user requested (constraint) x==1"), if it says so."""
+    stripped = [line.strip() for line in lines]
+    if CONFLICT not in stripped:
+        return []
+    following = stripped[stripped.index(CONFLICT) + 1 :]
+    return following[: following.index("")] if "" in following else following
+
+
 def main(log: str, command: str) -> None:
     lines = open(log, errors="replace").read().splitlines()
     python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
@@ -111,6 +122,8 @@ def main(log: str, command: str) -> None:
         print(f"pip could not install the packages with {python} ({command}).", file=sys.stderr)
     for line in errors:
         print(f"  {line}", file=sys.stderr)
+    for line in conflict(lines)[:6]:
+        print(f"  the conflict: {line}", file=sys.stderr)
     print(f"pip's whole output: {log} on this host.", file=sys.stderr)
 
 
