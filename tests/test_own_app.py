@@ -43,7 +43,7 @@ from clients import (
     web_url,
     worker_conf,
 )
-from faults.harness import SubmissionLoop, await_results
+from faults.harness import SubmissionLoop, lost_tasks
 from tasks.app import BUILT_AS
 
 pytestmark = pytest.mark.bench
@@ -437,13 +437,8 @@ def test_a_release_that_does_not_work_fails_the_deploy_and_the_running_one_keeps
         f"{len(loop.failures)} failed requests of {loop.ok + len(loop.failures)}: {loop.failures[:3]}"
     )
     assert stream.refused == 0 and len(stream.answers) > 20, (stream.refused, len(stream.answers))
-    final = await_results(own_app, stream.answers)
-    lost = [
-        task
-        for task, answer in stream.answers.items()
-        if (final.get(task, {}).get("result") or {}).get("answer") != answer
-    ]
-    assert lost == [], f"{len(lost)} of {len(stream.answers)} tasks did not succeed: {[final.get(t) for t in lost[:3]]}"
+    lost = lost_tasks(own_app, stream.answers)
+    assert lost == [], f"{len(lost)} of {len(stream.answers)} tasks did not succeed: {lost[:3]}"
     check_task_end_to_end(own_app, reference=False)
 
 

@@ -33,7 +33,7 @@ from clients import (
     task_result,
     wait_until,
 )
-from faults.harness import SubmissionLoop, await_results
+from faults.harness import SubmissionLoop, lost_tasks
 from tasks.front import UPSTREAM
 
 pytestmark = pytest.mark.bench
@@ -290,13 +290,8 @@ def test_a_release_rolls_over_the_hosts_in_batches_without_a_failed_request_or_a
         first_new = min(when for when, release, host in loop.answers if release == "reference-2")
         assert any(when > first_new and release == "reference-1" for when, release, host in loop.answers)
         assert stream.refused == 0 and len(stream.answers) > 10, (stream.refused, len(stream.answers))
-        final = await_results(scaled, stream.answers)
-        lost = [
-            task
-            for task, answer in stream.answers.items()
-            if (final.get(task, {}).get("result") or {}).get("answer") != answer
-        ]
-        assert lost == [], f"{len(lost)} of {len(stream.answers)} tasks did not succeed"
+        lost = lost_tasks(scaled, stream.answers)
+        assert lost == [], f"{len(lost)} of {len(stream.answers)} tasks did not succeed: {lost[:3]}"
         again = scaled.deploy("--data", f"app_source={source}")
         assert again.returncode == 0 and again.changed == [], again.changed
         REPORT.append(

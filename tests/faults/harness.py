@@ -544,6 +544,17 @@ def await_results(cluster: Cluster, task_ids) -> dict[str, dict]:
     return final
 
 
+def lost_tasks(cluster: Cluster, answers: dict[str, int]) -> list[dict | None]:
+    """What the API last said of each task of ``answers`` (task id → the answer it must give)
+    that did not succeed with its answer, waiting for them as ``await_results`` does."""
+    final = await_results(cluster, answers)
+    return [
+        final.get(task)
+        for task, answer in answers.items()
+        if (final.get(task, {}).get("result") or {}).get("answer") != answer
+    ]
+
+
 def succeeded_tasks(cluster: Cluster, final: dict[str, dict], answers: dict[str, int]) -> list[str]:
     """The tasks of ``answers`` (task id → the answer it must give) that ended SUCCESS with
     that answer, as the API says (``final``) and PostgreSQL's celery_taskmeta stores."""
