@@ -5,9 +5,10 @@ web host that refuses connections or answers 502/503/504 is skipped for the next
 same request, and left out for ``front_fail_timeout_seconds``.
 
 Debian's layout: our site in sites-available, enabled by a link, Debian's default site
-disabled; the upstream's servers in a file of their own, which a rolling switch (tasks/rollout.py)
-rewrites to mark the web hosts it switches ``down`` and back. A changed site is checked with ``nginx -t`` and then reloaded (no dropped
-connection); a broken one stops the deploy with nginx's own message.
+disabled; the upstream's servers in a file of their own, which a rolling switch
+(tasks/rollout.py) rewrites to mark the web hosts it switches ``down`` and back. A changed site
+is checked with ``nginx -t`` and then reloaded (no dropped connection); a broken one stops the
+deploy with nginx's own message.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def _balance(run: Run, hosts: Callable[[], set[str]], back: bool):
     send none to a host marked down. Plans nothing: who is drained is known once every host
     is planned (tasks/rollout.py).
     """
-    if not state.is_executing or not hosts():
+    drained = hosts() if state.is_executing else set()
+    if not drained:
         return
-    text = upstream_file(run, set() if back else hosts()).getvalue()
+    text = upstream_file(run, set() if back else drained).getvalue()
     yield f"printf '%s' {shlex.quote(text)} > {UPSTREAM}.next && mv {UPSTREAM}.next {UPSTREAM}"
     yield "nginx -t -q && systemctl reload nginx"
 
