@@ -340,7 +340,11 @@ class Settings:
         "15s", "How often Prometheus evaluates the alert rules.", checks.duration
     )
     alert_for: str = setting(
-        "2m", "How long a condition must hold before its alert fires (the rules' `for`).", checks.duration
+        "30s",
+        "How long a condition must hold before its alert fires (the rules' `for`). With the default scrape, "
+        "evaluation and group_wait, a unit that dies is notified within 75 s; the deploy silences what it "
+        "restarts meanwhile.",
+        checks.duration,
     )
     alert_restart_window: str = setting(
         "15m",
@@ -354,7 +358,7 @@ class Settings:
         9093, "Port of Alertmanager (private address of the monitoring host).", checks.port
     )
     alertmanager_group_wait: str = setting(
-        "30s", "Alertmanager waits this long to group a new alert's first notification.", checks.duration
+        "10s", "Alertmanager waits this long to group a new alert's first notification.", checks.duration
     )
     alertmanager_group_interval: str = setting(
         "5m", "Alertmanager waits this long before notifying about changes to a group.", checks.duration

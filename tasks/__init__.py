@@ -17,6 +17,9 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
+from tasks import silences
+from tasks.service import Run
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 FILES_DIR = PROJECT_DIR / "files"
 
@@ -48,10 +51,13 @@ def shipped_file(name: str) -> str:
     return str(FILES_DIR / name)
 
 
-def packaged_service(label: str, unit: str, changes: list[OperationMeta]) -> OperationMeta:
+def packaged_service(
+    run: Run, label: str, unit: str, changes: list[OperationMeta], quiet: list[silences.Quiet] | None = None
+) -> OperationMeta:
     """Keep a distribution-packaged service enabled and running, restarted by systemd when it
     dies (our drop-in, whatever the package's unit says), and restarted by us when the drop-in
-    or any of ``changes`` (our configuration files) changed. The restart operation."""
+    or any of ``changes`` (our configuration files) changed, with the alerts that restart raises
+    silenced (``quiet``: by default, those about this host). The restart operation."""
     dropin = files.put(
         name=f"Make systemd restart {label} always and start it after the network",
         src=shipped_file("restart-on-failure.conf"),
@@ -60,9 +66,9 @@ def packaged_service(label: str, unit: str, changes: list[OperationMeta]) -> Ope
     )
     systemd.daemon_reload(name=f"Reload systemd after the {label} drop-in changed", _if=dropin.did_change)
     systemd.service(name=f"Keep {label} enabled and running", service=unit, running=True, enabled=True)
-    return systemd.service(
-        name=f"Restart {label} to apply the changed configuration",
-        service=unit,
-        restarted=True,
-        _if=any_changed(*changes, dropin),
-    )
+    changed = any_changed(*changes, dropin)
+    with silences.silenced(run, label, when=changed, made=quiet):
+        restart = systemd.service(
+            name=f"Restart {label} to apply the changed configuration", service=unit, restarted=True, _if=changed
+        )
+    return restart

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from io import StringIO
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,7 +42,7 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, releases, render, rollout, shipped_file
+from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, releases, render, rollout, shipped_file, silences
 from tasks import source as app_source
 from tasks.app_releases import Layout
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
@@ -351,22 +352,26 @@ def application(run: Run) -> rollout.Switch:
             "flower_packages": [flower] if flower is not None else [],
             "flower_environment": [flower_environment] if flower_environment is not None else [],
         }
-        started = _units(run.node, source, changes)
-        files.link(
-            name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
-            path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
-            target=gunicorn_deaths_file(app),
-            present=run.node.has("web") and run.node.monitored,
-        )
-        if switched or pending:
-            _hand_over(run)
-        verdict = gate.passes(
-            name="Check that the application works on this host (the health gate)",
-            app=app,
-            settle=any_changed(*started),
-            back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
-            _ignore_errors=True,
-        )
+        written = _unit_files(run.node, source)
+        restarts = any_changed(*chain.from_iterable(changes.values()), *written.values())
+        quiet = silences.quiets(run, consumers=run.node.has("workers"))
+        with silences.silenced(run, "the application's units", when=restarts, made=quiet):
+            started = _start(run.node, changes, written)
+            files.link(
+                name="Let node_exporter read the count of Gunicorn workers that died (a textfile)",
+                path=f"{exporters.TEXTFILE_DIRECTORY}/{app}-gunicorn.prom",
+                target=gunicorn_deaths_file(app),
+                present=run.node.has("web") and run.node.monitored,
+            )
+            if switched or pending:
+                _hand_over(run)
+            verdict = gate.passes(
+                name="Check that the application works on this host (the health gate)",
+                app=app,
+                settle=any_changed(*started),
+                back=_switch_back(run.node, layout, previous) if switch is not None and previous else None,
+                _ignore_errors=True,
+            )
         _prune(config, layout, on_host, target, build.venv_id if target == build.release else None, verdict)
         return verdict
 
@@ -989,10 +994,9 @@ def _explained(venv: Venv, app: str) -> str:
     )
 
 
-def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) -> list[OperationMeta]:
-    """Write the units of this host's roles, remove those of roles it no longer has, then
-    start, restart or reload each as ``UNITS`` says; the operations that do (the health gate
-    lets the units settle after any of them changed)."""
+def _unit_files(node: Node, source: Source) -> dict[Unit, OperationMeta]:
+    """Write the units of this host's roles and remove those of roles it no longer has: the
+    operation that wrote or removed each."""
     config = node.config
     app, home = config.app_name, config.app_home
     context: dict[str, Any] = dict(
@@ -1027,10 +1031,17 @@ def _units(node: Node, source: Source, changes: dict[str, list[OperationMeta]]) 
                 enabled=False,
             )
             written[unit] = files.file(name=f"Remove the unit {unit.name(app)}", path=path, present=False)
-    if not written:
-        return []
-    systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
+    if written:
+        systemd.daemon_reload(name="Reload systemd after our units changed", _if=any_changed(*written.values()))
+    return written
 
+
+def _start(
+    node: Node, changes: dict[str, list[OperationMeta]], written: dict[Unit, OperationMeta]
+) -> list[OperationMeta]:
+    """Start, restart or reload each unit of this host's roles as ``UNITS`` says: the
+    operations that do (the health gate lets the units settle after any of them changed)."""
+    app = node.config.app_name
     sockets = [operation for unit, operation in written.items() if unit.suffix.endswith(".socket")]
     started: list[OperationMeta] = []
     for unit in UNITS:

@@ -24,7 +24,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, postgres
 
-from tasks import packaged_service
+from tasks import packaged_service, silences
 from tasks.postgresql import PostgresValue
 from tasks.service import Node, Port, Run, Scrape, Service
 
@@ -67,7 +67,7 @@ def node_exporter(run: Run) -> None:
         f"--collector.systemd.enable-restarts-metrics "
         f'--collector.systemd.unit-include={unit_pattern(run.wiring.units(node))}"\n',
     )
-    packaged_service("node_exporter", "prometheus-node-exporter", [args])
+    packaged_service(run, "node_exporter", "prometheus-node-exporter", [args], silences.quiets(run, exporter=True))
 
 
 @deploy("Monitoring exporters")
@@ -82,7 +82,7 @@ def redis_exporter(run: Run) -> None:
         f'ARGS="-web.listen-address {node.address}:{config.redis_exporter_port} -check-single-keys {keys}"\n',
         mode="0640",
     )
-    packaged_service("redis_exporter", "prometheus-redis-exporter", [args])
+    packaged_service(run, "redis_exporter", "prometheus-redis-exporter", [args])
 
 
 @deploy("Monitoring exporters")
@@ -113,7 +113,7 @@ def postgres_exporter(run: Run) -> None:
         f"DATA_SOURCE_NAME='{data_source}'\n"
         f'ARGS="--web.listen-address={node.address}:{config.postgres_exporter_port}"\n',
     )
-    packaged_service("postgres_exporter", "prometheus-postgres-exporter", [args])
+    packaged_service(run, "postgres_exporter", "prometheus-postgres-exporter", [args])
 
 
 NODE_EXPORTER = Service(

@@ -112,7 +112,7 @@ def grafana_server(run: Run) -> None:
             delete=True,
         ),
     ]
-    packaged_service("Grafana", UNIT, changes)
+    packaged_service(run, "Grafana", UNIT, changes)
 
 
 SERVICE = Service(

@@ -88,6 +88,7 @@ def _checked_install(
 
 
 def _checked_server(
+    run: Run,
     label: str,
     unit: str,
     args: str,
@@ -106,7 +107,7 @@ def _checked_server(
     installed = _checked_install(f"the configuration of {label}", staged, live, checks, mode)
     if first_install is not None and installed is not None:
         first_install(installed)
-    restarted = packaged_service(label, unit, [flags])
+    restarted = packaged_service(run, label, unit, [flags])
     if installed is not None:
         systemd.service(
             name=f"Reload {label} to apply the installed configuration",
@@ -149,6 +150,7 @@ def monitoring_server(run: Run) -> None:
     prometheus, alertmanager = f"{address}:{config.prometheus_port}", f"{address}:{config.alertmanager_port}"
     context = rules_context(config, workers=len(run.wiring.hosts("workers")), queues=run.wiring.queues())
     _checked_server(
+        run,
         "Prometheus",
         "prometheus",
         f'ARGS="--web.listen-address={prometheus} --storage.tsdb.retention.time={config.prometheus_retention}"\n',
@@ -170,6 +172,7 @@ def monitoring_server(run: Run) -> None:
         first_install=_discard_example_series,
     )
     _checked_server(
+        run,
         "Alertmanager",
         "prometheus-alertmanager",
         # An empty cluster address turns off Alertmanager's gossip, which would listen on every
@@ -203,7 +206,7 @@ def monitoring_server(run: Run) -> None:
         'ARGS="--config.file /etc/prometheus/blackbox.yml '
         f'--web.listen-address={address}:{config.blackbox_exporter_port}"\n',
     )
-    packaged_service("the blackbox exporter", "prometheus-blackbox-exporter", [flags])
+    packaged_service(run, "the blackbox exporter", "prometheus-blackbox-exporter", [flags])
 
 
 SERVICE = Service(

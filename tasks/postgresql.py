@@ -126,7 +126,7 @@ def postgresql_server(run: Run) -> None:
         .strip(),
         marker="# {mark} celery application access, managed by the deploy",
     )
-    packaged_service("PostgreSQL", service, [our_config])
+    packaged_service(run, "PostgreSQL", service, [our_config])
     systemd.service(
         name="Reload PostgreSQL to apply the changed pg_hba.conf",
         service=service,

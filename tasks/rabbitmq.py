@@ -32,7 +32,7 @@ from pyinfra.api import FactBase, QuoteString, StringCommand, deploy
 from pyinfra.operations import files, server
 
 import settings
-from tasks import packaged_service, render
+from tasks import packaged_service, render, silences
 from tasks.service import Node, Port, Run, Scrape, Service
 
 UNIT = "rabbitmq-server"
@@ -273,7 +273,7 @@ def rabbitmq_server(run: Run) -> None:
         group="rabbitmq",
         mode="0644",
     )
-    restart = packaged_service("RabbitMQ", UNIT, [our_config, plugins])
+    restart = packaged_service(run, "RabbitMQ", UNIT, [our_config, plugins], silences.quiets(run, consumers=True))
     server.shell(
         name="Wait until RabbitMQ accepts commands",
         commands=["rabbitmqctl -q await_startup --timeout 120"],

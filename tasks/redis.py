@@ -22,7 +22,7 @@ from pyinfra.operations import files, server
 
 import settings
 from settings import checks
-from tasks import packaged_service, render
+from tasks import packaged_service, render, silences
 from tasks.service import Node, Port, Run, Service
 
 UNIT = "redis-server"
@@ -91,7 +91,7 @@ def redis_server(run: Run) -> None:
         line=f"^include {OUR_CONFIG}$",
         ensure_newline=True,
     )
-    packaged_service("Redis", UNIT, [our_config, include])
+    packaged_service(run, "Redis", UNIT, [our_config, include], silences.quiets(run, consumers=True))
 
 
 def _overcommit_memory() -> None:

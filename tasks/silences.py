@@ -1,0 +1,186 @@
+"""
+Silences for what a deploy restarts: a normal deploy notifies no one, and a unit that dies
+outside a deploy is still notified.
+
+While a unit restarts it is not active: a Celery worker first finishes its running tasks (up
+to ``worker_stop_timeout``), Gunicorn its requests. A stop longer than the rules' ``for``
+(``alert_for``) fires UnitNotActive, CeleryWorkersMissing and their kin, and a deploy would
+page an operator. So before a restart the host silences, in Alertmanager, the alerts that a
+restart raises about it (``silenced`` below, with the matchers of ``quiets``). After the
+restart (and, for the application, its health gate) the silence is cut short: it ends once
+Prometheus has seen the unit again (``settle_seconds``: two scrapes and two evaluations).
+Alertmanager still receives and shows the silenced alerts; it only holds their notifications,
+and an alert still firing when its silence ends is notified at its group's next interval. A
+deploy that dies half-way leaves a silence that ends by itself (``bound_seconds``).
+
+amtool makes the silences on the monitoring host, against its Alertmanager's private address,
+through the connection pyinfra already holds to that host: no port is opened for it, and the
+machine running pyinfra need not reach Alertmanager. Without a monitoring host nothing is
+silenced; when Alertmanager does not answer (on the first deploy it is not installed yet, or it
+is the unit restarting), the run warns and goes on.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pyinfra import host, inventory, logger
+from pyinfra.api import StringCommand
+from pyinfra.operations import python
+
+import settings
+from settings import checks
+from tasks.service import Node, Run
+
+#: Alerts about one host that its own restarts raise for a while (labelled with the host).
+ABOUT_THE_HOST = ("UnitNotActive", "InstanceDown", "AppNotAnswering", "RedisDown", "PostgreSQLDown")
+#: Alerts about the consumers as a whole (no host label, or the broker's): a worker that
+#: restarts, or a broker that its workers reconnect to, raises them.
+ABOUT_THE_CONSUMERS = ("CeleryWorkersMissing", "QueueWithoutConsumers")
+#: Who the silences say made them.
+AUTHOR = "pyinfra deploy"
+#: Seconds a silence lasts beyond the longest restart, should the deploy never end it.
+BOUND_MARGIN_SECONDS = 300
+#: How long the end of a silence is retried while no Alertmanager answers (it restarted).
+END_RETRY_SECONDS = 15
+#: amtool's errors when no Alertmanager answers: not installed, not listening.
+NOT_ANSWERING = ("not found", "connection refused")
+
+#: (host, what restarts) → (id, seconds it outlasts the restart) of each silence made before
+#: the restart, read after it.
+MADE: dict[tuple[str, str], list[tuple[str, int]]] = {}
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """One silence: the alerts it holds (amtool's matchers, all of which must match) and how
+    many seconds it outlasts the restart beyond the settle time."""
+
+    matchers: tuple[str, ...]
+    outlasts: int = 0
+
+
+def _alertnames(names: tuple[str, ...]) -> str:
+    return f'alertname=~"{"|".join(names)}"'
+
+
+def quiets(run: Run, consumers: bool = False, exporter: bool = False) -> list[Quiet]:
+    """The silences a restart on this host needs: the alerts about this host; with
+    ``consumers``, those about the consumers, wherever they are labelled; with ``exporter``
+    (node_exporter itself restarts), HostRebooted, which reads node_exporter's start time and
+    fires for ``alert_restart_window`` after it."""
+    about = f'host="{run.node.name}"'
+    made = [Quiet((_alertnames(ABOUT_THE_HOST), about))]
+    if consumers:
+        made.append(Quiet((_alertnames(ABOUT_THE_CONSUMERS),)))
+    if exporter:
+        window = int(checks.duration_seconds(run.node.config.alert_restart_window))
+        made.append(Quiet((_alertnames(("HostRebooted",)), about), outlasts=window))
+    return made
+
+
+def settle_seconds(config: settings.Settings) -> int:
+    """How long after a restart Prometheus has surely seen the unit back and resolved what the
+    restart raised: two scrapes and two evaluations (one of each may be missed)."""
+    return int(
+        2
+        * sum(map(checks.duration_seconds, (config.prometheus_scrape_interval, config.prometheus_evaluation_interval)))
+    )
+
+
+def bound_seconds(config: settings.Settings) -> int:
+    """How long a silence lasts if the deploy never ends it: the longest a worker may take to
+    stop, the health gate's timeout, and a margin."""
+    return config.worker_stop_timeout + config.app_health_timeout_seconds + BOUND_MARGIN_SECONDS
+
+
+def _monitoring(run: Run) -> Node | None:
+    """The monitoring host, whose Alertmanager holds the silences (None: nothing to silence)."""
+    return next(iter(run.wiring.hosts("monitoring")), None)
+
+
+def _amtool(monitoring: Node, arguments: str) -> tuple[bool, str]:
+    """Run amtool with ``arguments`` on the monitoring host, against its Alertmanager: whether
+    it succeeded, and its output (or why it failed)."""
+    url = f"http://{monitoring.address}:{monitoring.config.alertmanager_port}"
+    try:
+        succeeded, output = inventory.get_host(monitoring.name).run_shell_command(
+            StringCommand(f"amtool --alertmanager.url={url} {arguments}")
+        )
+    except Exception as error:  # noqa: BLE001 - a host outside this run (--limit), a lost connection
+        return False, f"{type(error).__name__}: {error}"
+    return succeeded, (output.stdout if succeeded else output.stderr).strip()
+
+
+def _not_answering(output: str) -> bool:
+    """Whether amtool failed because no Alertmanager answers: not installed yet (the first
+    deploy), or not started yet (Alertmanager is the unit that restarts)."""
+    return any(reason in output.lower() for reason in NOT_ANSWERING)
+
+
+def _silence(monitoring: Node, config: settings.Settings, what: str, made: list[Quiet]) -> None:
+    """Make the silences (the operation before the restart)."""
+    comment = shlex.quote(f"{host.name} restarts {what} (a deploy)")
+    ids: list[tuple[str, int]] = []
+    MADE[(host.name, what)] = ids
+    for quiet in made:
+        succeeded, output = _amtool(
+            monitoring,
+            f"silence add --duration={bound_seconds(config) + quiet.outlasts}s --author={shlex.quote(AUTHOR)} "
+            f"--comment={comment} {' '.join(map(shlex.quote, quiet.matchers))}",
+        )
+        if succeeded:
+            ids.append((output, quiet.outlasts))
+        elif _not_answering(output):
+            logger.info(f"{host.name}: no Alertmanager answers yet, so none notifies: nothing to silence for {what}")
+            return
+        else:
+            logger.warning(
+                f"{host.name}: the alerts of restarting {what} could not be silenced ({output}): they may be notified"
+            )
+
+
+def _end(monitoring: Node, config: settings.Settings, what: str) -> None:
+    """Cut the silences short, to end once Prometheus has seen the restarted units (the
+    operation after the restart); retried while Alertmanager starts, if it is what restarted."""
+    for silence, outlasts in MADE.pop((host.name, what), []):
+        end = f"$(date -u -d '+{settle_seconds(config) + outlasts} seconds' +%Y-%m-%dT%H:%M:%SZ)"
+        deadline = time.monotonic() + END_RETRY_SECONDS
+        while True:
+            succeeded, output = _amtool(monitoring, f'silence update --end="{end}" {silence} > /dev/null')
+            if succeeded or not _not_answering(output) or time.monotonic() > deadline:
+                break
+            time.sleep(1)  # pyinfra's CLI patched time for gevent: other hosts go on
+        if not succeeded:
+            logger.warning(f"{host.name}: the silence {silence} could not be cut short ({output}); it ends by itself")
+
+
+@contextmanager
+def silenced(run: Run, what: str, when: Callable[[], bool], made: list[Quiet] | None = None) -> Iterator[None]:
+    """The operations called in this block (a restart, its checks) run with the alerts they
+    raise silenced, when ``when()`` holds at execution (the restart's own condition); ``made``
+    defaults to the alerts about this host. The callbacks are closures: the run's settings and
+    secrets never appear among the operations' arguments."""
+    monitoring, config = _monitoring(run), run.node.config
+    if monitoring is None:
+        yield
+        return
+    quiet = made if made is not None else quiets(run)
+
+    def silence() -> None:
+        _silence(monitoring, config, what, quiet)
+
+    def end() -> None:
+        _end(monitoring, config, what)
+
+    python.call(
+        name=f"Silence the alerts a restart of {what} raises (in Alertmanager, until it is back)",
+        function=silence,
+        _if=when,
+    )
+    yield
+    python.call(name=f"End the silence of {what} once it is seen back", function=end, _if=when)

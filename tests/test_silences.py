@@ -1,0 +1,80 @@
+"""
+The deploy's silences without any host (tasks/silences.py): which alerts a restart silences and
+for how long. That a deploy restarting a busy worker notifies no one, while a worker stopped by
+hand is told within 90 s at the defaults, is tests/faults/test_faults.py's last test.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_wiring import SECRETS
+
+from bench.fakes import FakeHost, FakeInventory
+from settings.declarations import Settings
+from tasks import PROJECT_DIR, registry, silences
+from tasks.service import Run
+
+HOSTS = {"data": ["redis", "rabbitmq", "postgres", "monitoring"], "app": ["web", "workers", "beat"]}
+
+
+def run_on(name: str, hosts: dict[str, list[str]] = HOSTS, **data) -> Run:
+    inventory = FakeInventory(
+        FakeHost(host, groups, private_address=f"10.0.0.{number}", **data)
+        for number, (host, groups) in enumerate(hosts.items(), start=2)
+    )
+    wiring = registry.wiring(inventory)
+    return Run(secrets=SECRETS, node=next(node for node in wiring.nodes if node.name == name), wiring=wiring)
+
+
+def test_a_restart_silences_the_alerts_about_its_host_and_no_other_host():
+    (quiet,) = silences.quiets(run_on("app"))
+    assert quiet.matchers == (
+        'alertname=~"UnitNotActive|InstanceDown|AppNotAnswering|RedisDown|PostgreSQLDown"',
+        'host="app"',
+    )
+    assert quiet.outlasts == 0
+
+
+def test_a_worker_or_broker_restart_also_silences_the_alerts_about_the_consumers_wherever_labelled():
+    about_the_host, consumers = silences.quiets(run_on("app"), consumers=True)
+    assert consumers.matchers == ('alertname=~"CeleryWorkersMissing|QueueWithoutConsumers"',)
+    assert about_the_host.matchers[1] == 'host="app"'
+
+
+def test_node_exporter_restarting_silences_host_rebooted_for_the_restart_window():
+    *_, rebooted = silences.quiets(run_on("data", alert_restart_window="15m"), exporter=True)
+    assert rebooted.matchers == ('alertname=~"HostRebooted"', 'host="data"')
+    assert rebooted.outlasts == 900
+
+
+def test_every_silenced_alert_is_one_of_the_rules():
+    rules = set(re.findall(r"- alert: (\w+)", (PROJECT_DIR / "templates/monitoring/rules.yml.j2").read_text()))
+    assert {*silences.ABOUT_THE_HOST, *silences.ABOUT_THE_CONSUMERS, "HostRebooted"} <= rules
+
+
+def test_at_the_defaults_a_silence_ends_a_minute_after_the_restart_and_at_worst_after_the_longest_stop():
+    defaults = Settings()
+    assert silences.settle_seconds(defaults) == 60  # two scrapes and two evaluations of 15 s
+    assert silences.bound_seconds(defaults) == defaults.worker_stop_timeout + defaults.app_health_timeout_seconds + 300
+
+
+@pytest.mark.parametrize(
+    "output, answering",
+    [
+        ("sh: 1: amtool: not found", False),
+        (
+            'amtool: error: Post "http://10.0.0.2:9093/api/v2/silences": dial tcp 10.0.0.2:9093: connect: connection refused',
+            False,
+        ),
+        ("amtool: error: bad matcher format", True),
+    ],
+)
+def test_a_missing_or_unstarted_alertmanager_is_told_apart_from_a_refused_silence(output, answering):
+    assert silences._not_answering(output) is not answering
+
+
+def test_without_a_monitoring_host_nothing_is_silenced():
+    run = run_on("app", hosts={"data": ["redis", "rabbitmq", "postgres"], "app": ["web", "workers", "beat"]})
+    assert silences._monitoring(run) is None
