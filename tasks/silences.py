@@ -11,7 +11,8 @@ restart (and, for the application, its health gate) the silence is cut short: it
 Prometheus has seen the unit again (``settle_seconds``: two scrapes and two evaluations).
 Alertmanager still receives and shows the silenced alerts; it only holds their notifications,
 and an alert still firing when its silence ends is notified at its group's next interval. A
-deploy that dies half-way leaves a silence that ends by itself (``bound_seconds``).
+deploy that fails half-way leaves a silence that ends by itself (``bound_seconds``), or when
+the next deploy restarts the same units (it ends what a deploy left before it silences again).
 
 amtool makes the silences on the monitoring host, against its Alertmanager's private address,
 through the connection pyinfra already holds to that host: no port is opened for it, and the
@@ -22,6 +23,7 @@ is the unit restarting), the run warns and goes on.
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -122,26 +124,48 @@ def _not_answering(output: str) -> bool:
     return any(reason in output.lower() for reason in NOT_ANSWERING)
 
 
+def leftovers(listed: str, comment: str) -> list[str]:
+    """The ids of the silences in ``listed`` (``amtool silence query -o json``, the active
+    ones) that a deploy made with ``comment`` and never ended (it failed after the restart)."""
+    return [
+        silence["id"]
+        for silence in json.loads(listed or "[]")
+        if (silence["createdBy"], silence["comment"]) == (AUTHOR, comment)
+    ]
+
+
 def _silence(monitoring: Node, config: settings.Settings, what: str, made: list[Quiet]) -> None:
-    """Make the silences (the operation before the restart)."""
-    comment = shlex.quote(f"{host.name} restarts {what} (a deploy)")
+    """Make the silences (the operation before the restart), after ending those a deploy that
+    failed after the same restart left."""
+    comment = f"{host.name} restarts {what} (a deploy)"
     ids: list[tuple[str, int]] = []
     MADE[(host.name, what)] = ids
+    succeeded, listed = _amtool(monitoring, "silence query -o json")
+    if not succeeded:
+        if _not_answering(listed):
+            logger.info(f"{host.name}: no Alertmanager answers yet, so none notifies: nothing to silence for {what}")
+        else:
+            _not_silenced(what, listed)
+        return
+    stale = leftovers(listed, comment)
+    if stale:
+        _amtool(monitoring, f"silence expire {' '.join(stale)}")
     for quiet in made:
         succeeded, output = _amtool(
             monitoring,
             f"silence add --duration={bound_seconds(config) + quiet.outlasts}s --author={shlex.quote(AUTHOR)} "
-            f"--comment={comment} {' '.join(map(shlex.quote, quiet.matchers))}",
+            f"--comment={shlex.quote(comment)} {' '.join(map(shlex.quote, quiet.matchers))}",
         )
         if succeeded:
             ids.append((output, quiet.outlasts))
-        elif _not_answering(output):
-            logger.info(f"{host.name}: no Alertmanager answers yet, so none notifies: nothing to silence for {what}")
-            return
         else:
-            logger.warning(
-                f"{host.name}: the alerts of restarting {what} could not be silenced ({output}): they may be notified"
-            )
+            _not_silenced(what, output)
+
+
+def _not_silenced(what: str, reason: str) -> None:
+    logger.warning(
+        f"{host.name}: the alerts of restarting {what} could not be silenced ({reason}): they may be notified"
+    )
 
 
 def _end(monitoring: Node, config: settings.Settings, what: str) -> None:

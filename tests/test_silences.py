@@ -6,6 +6,7 @@ hand is told within 90 s at the defaults, is tests/faults/test_faults.py's last 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -78,3 +79,16 @@ def test_a_missing_or_unstarted_alertmanager_is_told_apart_from_a_refused_silenc
 def test_without_a_monitoring_host_nothing_is_silenced():
     run = run_on("app", hosts={"data": ["redis", "rabbitmq", "postgres"], "app": ["web", "workers", "beat"]})
     assert silences._monitoring(run) is None
+
+
+def test_a_silence_a_failed_deploy_left_is_found_by_its_comment_and_author_only():
+    comment = "app restarts the application's units (a deploy)"
+    listed = json.dumps(
+        [
+            {"id": "left", "createdBy": silences.AUTHOR, "comment": comment},
+            {"id": "other-host", "createdBy": silences.AUTHOR, "comment": "data restarts Redis (a deploy)"},
+            {"id": "an-operator's", "createdBy": "alice", "comment": comment},
+        ]
+    )
+    assert silences.leftovers(listed, comment) == ["left"]
+    assert silences.leftovers("", comment) == []
