@@ -18,7 +18,7 @@ amtool makes the silences on the monitoring host, against its Alertmanager's pri
 through the connection pyinfra already holds to that host: no port is opened for it, and the
 machine running pyinfra need not reach Alertmanager. Without a monitoring host nothing is
 silenced; when Alertmanager does not answer (on the first deploy it is not installed yet, or it
-is the unit restarting), the run warns and goes on.
+is the unit restarting), the run says so and goes on.
 """
 
 from __future__ import annotations
