@@ -346,6 +346,12 @@ class Settings:
         "restarts meanwhile.",
         checks.duration,
     )
+    alert_latency_seconds: float = setting(
+        2.0,
+        "The 95th percentile of the requests' latency (through the front; without one, of the health probes) "
+        "over 5 minutes above which AppLatencyHigh warns.",
+        checks.positive,
+    )
     alert_restart_window: str = setting(
         "15m",
         "How long an incident that healed in seconds stays alerted: a unit systemd restarted after its "
@@ -393,6 +399,12 @@ class Settings:
     redis_exporter_port: int = setting(9121, "Port of redis_exporter on the Redis host (private address).", checks.port)
     postgres_exporter_port: int = setting(
         9187, "Port of postgres_exporter on the PostgreSQL host (private address).", checks.port
+    )
+    front_metrics_port: int = setting(
+        3903,
+        "Port of mtail on each front host (private address): the requests nginx served, by status, and "
+        "their latency, for any application.",
+        checks.port,
     )
     blackbox_exporter_port: int = setting(
         9115,

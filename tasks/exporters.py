@@ -8,7 +8,11 @@ monitoring host; every listener on the host's private address, scraped by Promet
 - redis_exporter (with Redis' password, from a 0640 file) on the Redis host; it also reads the
   length of the Redis task queues;
 - postgres_exporter on the PostgreSQL host, connecting over the local socket as its own role
-  ``prometheus`` (peer authentication, no password; member of pg_monitor only).
+  ``prometheus`` (peer authentication, no password; member of pg_monitor only);
+- mtail on each front host, counting the requests nginx served by status and their latency
+  (``files/monitoring/front.mtail``), so any application has request metrics, with or without
+  its own: Gunicorn's Uvicorn workers log no request of their own to count, and nginx's
+  stub_status counts no status.
 
 RabbitMQ's built-in prometheus plugin (tasks/rabbitmq.py), Flower for Celery and the
 application's own /metrics (tasks/app.py) declare their scrapes where they are deployed.
@@ -22,9 +26,9 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files, postgres
+from pyinfra.operations import files, postgres, server
 
-from tasks import packaged_service, silences
+from tasks import front, packaged_service, shipped_file, silences
 from tasks.postgresql import PostgresValue
 from tasks.service import Node, Port, Run, Scrape, Service
 
@@ -116,6 +120,31 @@ def postgres_exporter(run: Run) -> None:
     packaged_service(run, "postgres_exporter", "prometheus-postgres-exporter", [args])
 
 
+@deploy("Monitoring exporters")
+def front_metrics(run: Run) -> None:
+    """mtail (Debian's package and unit) on a front host: its program, the log it reads and
+    where it listens in Debian's defaults file; a member of ``adm``, which owns nginx's logs
+    once logrotate recreated them."""
+    config, node = run.node.config, run.node
+    program = files.put(
+        name="Install mtail's program for the front's requests",
+        src=shipped_file("monitoring/front.mtail"),
+        dest="/etc/mtail/stack-front.mtail",
+        mode="0644",
+    )
+    args = files.put(
+        name="Configure mtail (the front's request log, private address)",
+        src=StringIO(
+            f"LOGS={front.METRICS_LOG}\nHOST={node.address}\nPORT={config.front_metrics_port}\n"
+            'EXTRA_ARGS="--emit_prog_label=false"\n'
+        ),
+        dest="/etc/default/mtail",
+        mode="0644",
+    )
+    reader = server.user(name="Let mtail read nginx's logs (group adm)", user="mtail", groups=["adm"], append=True)
+    packaged_service(run, "mtail", "mtail", [program, args, reader])
+
+
 NODE_EXPORTER = Service(
     name="node_exporter",
     when=monitored,
@@ -142,4 +171,15 @@ POSTGRES_EXPORTER = Service(
     units=lambda node: ["prometheus-postgres-exporter.service"],
     ports=lambda node: [Port(node.config.postgres_exporter_port, "postgres_exporter", scrapes=(Scrape("postgres"),))],
     deploy=postgres_exporter,
+)
+FRONT_METRICS = Service(
+    name="mtail",
+    groups=("front",),
+    when=monitored,
+    packages=lambda node: ["mtail"],
+    units=lambda node: ["mtail.service"],
+    ports=lambda node: [
+        Port(node.config.front_metrics_port, "mtail (the front's request metrics)", scrapes=(Scrape("front"),))
+    ],
+    deploy=front_metrics,
 )

@@ -28,6 +28,8 @@ from tasks.service import ANYONE, Port, Run, Scrape, Service
 SITE = "/etc/nginx/sites-available/stack.conf"
 #: The upstream's servers, which the site includes.
 UPSTREAM = "/etc/nginx/stack-upstream.conf"
+#: One line per request, "<status> <seconds>", which mtail reads (tasks/exporters.py).
+METRICS_LOG = "/var/log/nginx/stack-metrics.log"
 
 
 def site_file(run: Run) -> StringIO:
@@ -39,6 +41,7 @@ def site_file(run: Run) -> StringIO:
         upstream=UPSTREAM,
         tries=len(run.wiring.hosts("web")),
         port=config.front_port,
+        metrics_log=METRICS_LOG,
     )
 
 

@@ -41,6 +41,7 @@ def rules_context(config: settings.Settings, workers: int, queues: list[str]) ->
         restart_window=config.alert_restart_window,
         restart_range=f"[{config.alert_restart_window}]",
         backlog=config.queue_backlog_threshold,
+        latency=config.alert_latency_seconds,
         # Queue names are [\w.-]+ (settings); a dot is the only character to quote, and "[.]"
         # needs no backslash inside the rules' double-quoted YAML strings.
         queues="|".join(queue.replace(".", "[.]") for queue in queues),

@@ -28,6 +28,7 @@ SERVICES: tuple[Service, ...] = (
     exporters.NODE_EXPORTER,
     exporters.REDIS_EXPORTER,
     exporters.POSTGRES_EXPORTER,
+    exporters.FRONT_METRICS,
     monitoring.SERVICE,
     grafana.SERVICE,
 )

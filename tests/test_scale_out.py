@@ -11,12 +11,14 @@ other tests run.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import requests
+from test_grafana import FRONT_METRICS, expressions, metric_names
 
 import settings
 from bench import PROJECT_DIR, Cluster
@@ -98,6 +100,40 @@ def test_requests_through_the_front_are_served_by_every_web_host(scaled: Cluster
     served = {requests.get(front_url(scaled, "/"), timeout=10).json()["host"] for _ in range(20)}
     assert served == {"web1", "web2"}
     assert requests.get(front_url(scaled, "/healthz"), timeout=10).status_code == 200
+
+
+def front_requests(cluster: Cluster) -> dict[str, float]:
+    """The requests the front counted (mtail), by status, as Prometheus last scraped them."""
+    return {
+        series["metric"]["status"]: float(series["value"][1]) for series in query(cluster, "stack_front_requests_total")
+    }
+
+
+def test_the_front_counts_its_requests_by_status_and_latency_for_any_application(scaled: Cluster):
+    """mtail on the front reads nginx's request log: Prometheus sees exactly the requests sent
+    through the front, by status (20 answered 200, 10 answered 404), with their latency; the
+    health probes are not counted. The application dashboard's front panels get data."""
+    wait_until(lambda: query(scaled, 'up{job="front"} == 1'), timeout=60)
+    before = front_requests(scaled)
+    for _ in range(20):
+        assert requests.get(front_url(scaled, "/"), timeout=10).status_code == 200
+    for _ in range(10):
+        assert requests.get(front_url(scaled, "/no-such-page"), timeout=10).status_code == 404
+
+    def sent() -> dict[str, float]:
+        after = front_requests(scaled)
+        return {status: after[status] - before.get(status, 0) for status in after}
+
+    try:
+        wait_until(lambda: sent() == {**{status: 0.0 for status in before}, "200": 20.0, "404": 10.0}, timeout=60)
+    except AssertionError:
+        pytest.fail(f"the front counted {sent()} since the requests, not 20 x 200 and 10 x 404")
+    assert query(scaled, "sum(stack_front_request_seconds_count)"), "no latency recorded"
+    dashboard = json.loads((PROJECT_DIR / "files/grafana/dashboards/app.json").read_text())
+    front_panels = [expression for expression in expressions(dashboard) if metric_names(expression) & FRONT_METRICS]
+    assert front_panels
+    for expression in front_panels:
+        assert query(scaled, expression), f"no data for the dashboard's {expression}"
 
 
 def test_tasks_are_executed_by_every_worker_host_and_beat_runs_once(scaled: Cluster):
