@@ -11,8 +11,8 @@ monitoring host; every listener on the host's private address, scraped by Promet
   ``prometheus`` (peer authentication, no password; member of pg_monitor only);
 - mtail on each front host, counting the requests nginx served by status and their latency
   (``files/monitoring/front.mtail``), so any application has request metrics, with or without
-  its own: Gunicorn's Uvicorn workers log no request of their own to count, and nginx's
-  stub_status counts no status.
+  its own (Gunicorn's statsd counts no request under Uvicorn's workers, and nginx's
+  stub_status counts no status: docs/deploy.md).
 
 RabbitMQ's built-in prometheus plugin (tasks/rabbitmq.py), Flower for Celery and the
 application's own /metrics (tasks/app.py) declare their scrapes where they are deployed.
