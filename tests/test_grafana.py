@@ -34,7 +34,12 @@ DASHBOARDS = sorted((PROJECT_DIR / "files" / "grafana" / "dashboards").glob("*.j
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 #: Exported by a front host only (mtail): the all-in-one topology has none, so the dashboards'
 #: queries of these are run on the scale-out topology's front (tests/test_scale_out.py).
-FRONT_METRICS = {"stack_front_requests_total", "stack_front_request_seconds_bucket"}
+FRONT_METRICS = {
+    "stack_front_requests_total",
+    "stack_front_server_errors_total",
+    "stack_front_request_seconds_count",
+    "stack_front_request_seconds_bucket",
+}
 #: PromQL words that are not metric names.
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset"}
 
