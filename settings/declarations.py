@@ -348,8 +348,8 @@ class Settings:
     )
     alert_latency_seconds: float = setting(
         2.0,
-        "The 95th percentile of the requests' latency (through the front; without one, of the health probes) "
-        "over 5 minutes above which AppLatencyHigh warns.",
+        "The 95th percentile over 5 minutes of the requests' latency through the front, and of the health "
+        "probes' duration, above which AppLatencyHigh warns.",
         checks.positive,
     )
     alert_restart_window: str = setting(
