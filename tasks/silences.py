@@ -201,10 +201,14 @@ def silenced(run: Run, what: str, when: Callable[[], bool], made: list[Quiet] | 
     def end() -> None:
         _end(monitoring, config, what)
 
-    python.call(
-        name=f"Silence the alerts a restart of {what} raises (in Alertmanager, until it is back)",
-        function=silence,
-        _if=when,
-    )
+    python.call(name=operation_names(what)[0], function=silence, _if=when)
     yield
-    python.call(name=f"End the silence of {what} once it is seen back", function=end, _if=when)
+    python.call(name=operation_names(what)[1], function=end, _if=when)
+
+
+def operation_names(what: str) -> tuple[str, str]:
+    """The names of the operations before and after a restart of ``what``."""
+    return (
+        f"Silence the alerts a restart of {what} raises (in Alertmanager, until it is back)",
+        f"End the silence of {what} once it is seen back",
+    )

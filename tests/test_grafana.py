@@ -29,6 +29,7 @@ import yaml
 
 from bench import PROJECT_DIR, Cluster
 from clients import prometheus_api, query, wait_until
+from tasks import silences
 
 DASHBOARDS = sorted((PROJECT_DIR / "files" / "grafana" / "dashboards").glob("*.json"))
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
@@ -199,6 +200,7 @@ def test_grafana_apt_repository_is_set_up_with_its_signing_key(deployed: Cluster
         "Firewall | Replace the firewall's table atomically with the changed one",
         "Monitoring exporters | Configure node_exporter (private address)",
         "Monitoring exporters | Restart node_exporter to apply the changed configuration",
+        *(f"Monitoring exporters | {name}" for name in silences.operation_names("node_exporter")),
     }
     assert set(restore.changed) <= {f"{operation} @ {monitor.address}" for operation in wiring}, restore.changed
     again = deployed.deploy()
