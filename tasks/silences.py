@@ -52,10 +52,6 @@ END_RETRY_SECONDS = 15
 #: amtool's errors when no Alertmanager answers: not installed, not listening.
 NOT_ANSWERING = ("not found", "connection refused")
 
-#: (host, what restarts) → (id, seconds it outlasts the restart) of each silence made before
-#: the restart, read after it.
-MADE: dict[tuple[str, str], list[tuple[str, int]]] = {}
-
 
 @dataclass(frozen=True)
 class Quiet:
@@ -134,12 +130,13 @@ def leftovers(listed: str, comment: str) -> list[str]:
     ]
 
 
-def _silence(monitoring: Node, config: settings.Settings, what: str, made: list[Quiet]) -> None:
+def _silence(
+    monitoring: Node, config: settings.Settings, what: str, made: list[Quiet], ids: list[tuple[str, int]]
+) -> None:
     """Make the silences (the operation before the restart), after ending those a deploy that
-    failed after the same restart left."""
+    failed after the same restart left; (id, seconds it outlasts the restart) of each goes
+    into ``ids``."""
     comment = f"{host.name} restarts {what} (a deploy)"
-    ids: list[tuple[str, int]] = []
-    MADE[(host.name, what)] = ids
     succeeded, listed = _amtool(monitoring, "silence query -o json")
     if not succeeded:
         if _not_answering(listed):
@@ -168,10 +165,11 @@ def _not_silenced(what: str, reason: str) -> None:
     )
 
 
-def _end(monitoring: Node, config: settings.Settings, what: str) -> None:
-    """Cut the silences short, to end once Prometheus has seen the restarted units (the
+def _end(monitoring: Node, config: settings.Settings, ids: list[tuple[str, int]]) -> None:
+    """Cut the silences ``ids`` short, to end once Prometheus has seen the restarted units (the
     operation after the restart); retried while Alertmanager starts, if it is what restarted."""
-    for silence, outlasts in MADE.pop((host.name, what), []):
+    while ids:
+        silence, outlasts = ids.pop()
         end = f"$(date -u -d '+{settle_seconds(config) + outlasts} seconds' +%Y-%m-%dT%H:%M:%SZ)"
         deadline = time.monotonic() + END_RETRY_SECONDS
         while True:
@@ -194,12 +192,14 @@ def silenced(run: Run, what: str, when: Callable[[], bool], made: list[Quiet] | 
         yield
         return
     quiet = made if made is not None else quiets(run)
+    # This host's silences, from the operation that makes them to the one that ends them.
+    ids: list[tuple[str, int]] = []
 
     def silence() -> None:
-        _silence(monitoring, config, what, quiet)
+        _silence(monitoring, config, what, quiet, ids)
 
     def end() -> None:
-        _end(monitoring, config, what)
+        _end(monitoring, config, ids)
 
     python.call(name=operation_names(what)[0], function=silence, _if=when)
     yield
