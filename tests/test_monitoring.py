@@ -28,6 +28,7 @@ from clients import (
     targets,
     wait_until,
 )
+from settings.declarations import Settings
 
 pytestmark = pytest.mark.bench
 
@@ -173,6 +174,8 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
     host.exec(f"systemctl stop {unit}")
     try:
         fired = wait_until(lambda: about_the_unit(stopped, "firing"), timeout=120, interval=0.5)
+    except AssertionError:
+        raise AssertionError(f"nothing about {unit} notified in 120 s; {alerting_state(deployed, alerts)}") from None
     finally:
         started = time.monotonic()
         host.exec(f"systemctl start {unit}")
@@ -182,6 +185,19 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
         f"stop; resolved {resolved[0][0] - started:.1f}s after the start"
     )
     assert fired[0][0] - stopped < 90, "the alert came later than scrape + evaluation + for + group_wait allow"
+
+
+def alerting_state(cluster: Cluster, alertnames: set[str]) -> str:
+    """What Prometheus and Alertmanager hold of ``alertnames`` (firing, pending, silenced), and
+    the active silences: why an expected notification did not come."""
+    monitor = cluster.one("monitoring")
+    amtool = f"amtool --alertmanager.url=http://{monitor.address}:{Settings().alertmanager_port}"
+    names = "|".join(sorted(alertnames))
+    prometheus = [(row["metric"], row["value"][1]) for row in query(cluster, f'ALERTS{{alertname=~"{names}"}}')]
+    held = monitor.exec(
+        f"{amtool} alert query --silenced --inhibited -o extended 2>&1; {amtool} silence query 2>&1", check=False
+    )
+    return f"in Prometheus: {prometheus}; in Alertmanager and its silences:\n{held}"
 
 
 @pytest.mark.parametrize("deployed", ["split"], indirect=True)
