@@ -43,6 +43,12 @@ ABOUT_THE_HOST = ("UnitNotActive", "InstanceDown", "AppNotAnswering", "RedisDown
 #: Alerts about the consumers as a whole (no host label, or the broker's): a worker that
 #: restarts, or a broker that its workers reconnect to, raises them.
 ABOUT_THE_CONSUMERS = ("CeleryWorkersMissing", "QueueWithoutConsumers")
+#: Alerts about the requests a web host served over a window (AppLatencyHigh's 95th percentile
+#: of the health probes): one slow probe while a unit of the host restarts holds them up for
+#: the whole window, so their silence outlasts the restart by it.
+ABOUT_THE_REQUESTS = ("AppLatencyHigh",)
+#: The range of those alerts' expressions in templates/monitoring/rules.yml.j2 ([5m]).
+REQUESTS_WINDOW_SECONDS = 300
 #: Who the silences say made them.
 AUTHOR = "pyinfra deploy"
 #: Seconds a silence lasts beyond the longest restart, should the deploy never end it.
@@ -67,12 +73,15 @@ def _alertnames(names: tuple[str, ...]) -> str:
 
 
 def quiets(run: Run, consumers: bool = False, exporter: bool = False) -> list[Quiet]:
-    """The silences a restart on this host needs: the alerts about this host; with
-    ``consumers``, those about the consumers, wherever they are labelled; with ``exporter``
+    """The silences a restart on this host needs: the alerts about this host; on a web host,
+    those about its requests, for their window beyond; with ``consumers``, those about the
+    consumers, wherever they are labelled; with ``exporter``
     (node_exporter itself restarts), HostRebooted, which reads node_exporter's start time and
     fires for ``alert_restart_window`` after it."""
     about = f'host="{run.node.name}"'
     made = [Quiet((_alertnames(ABOUT_THE_HOST), about))]
+    if run.node.has("web"):
+        made.append(Quiet((_alertnames(ABOUT_THE_REQUESTS), about), outlasts=REQUESTS_WINDOW_SECONDS))
     if consumers:
         made.append(Quiet((_alertnames(ABOUT_THE_CONSUMERS),)))
     if exporter:
