@@ -24,7 +24,7 @@ import requests
 
 from bench import Cluster, Host, wait_until
 from clients import APP, REPORT, amqp, as_the_worker, task_result, web_url
-from faults.harness import waiting_messages
+from faults.harness import waiting_messages, worker_holdings
 from settings.declarations import Settings
 from tasks.rabbitmq import DEAD_LETTERS, POLICY
 
@@ -120,10 +120,8 @@ def test_a_countdown_beyond_the_consumer_timeout_waits_in_rabbitmq_and_runs_once
     try:
         wait_until(waits_in_rabbitmq, timeout=8, interval=0.5)
     except AssertionError:
-        active = as_the_worker(
-            cluster.one("workers"), f"/opt/{APP}/current/venv/bin/celery --app stack_celery inspect active --timeout 10"
-        )
-        raise AssertionError(f"(in the delay queues, unacknowledged in celery) for 8 s: {seen}; {active}") from None
+        held = worker_holdings(cluster)
+        raise AssertionError(f"(in the delay queues, unacknowledged in celery) for 8 s: {seen}; {held}") from None
     result = task_result(web, task_id, timeout=COUNTDOWN_SECONDS + 30)
     assert (result["state"], result["executions"]) == ("SUCCESS", 1), result
     assert worker_process(cluster) == before, "the worker restarted while the task waited"
