@@ -24,7 +24,7 @@ from pyinfra.operations import files, server, systemd
 
 import settings
 from settings import checks
-from tasks import packaged_service, rabbitmq, render
+from tasks import packaged_service, rabbitmq, render, silences
 from tasks.exporters import defaults_file
 from tasks.service import Port, Run, Scrape, Service
 
@@ -42,6 +42,7 @@ def rules_context(config: settings.Settings, workers: int, queues: list[str]) ->
         restart_range=f"[{config.alert_restart_window}]",
         backlog=config.queue_backlog_threshold,
         latency=config.alert_latency_seconds,
+        requests_range=f"[{silences.REQUESTS_WINDOW}]",
         # Queue names are [\w.-]+ (settings); a dot is the only character to quote, and "[.]"
         # needs no backslash inside the rules' double-quoted YAML strings.
         queues="|".join(queue.replace(".", "[.]") for queue in queues),

@@ -47,8 +47,9 @@ ABOUT_THE_CONSUMERS = ("CeleryWorkersMissing", "QueueWithoutConsumers")
 #: of the health probes): one slow probe while a unit of the host restarts holds them up for
 #: the whole window, so their silence outlasts the restart by it.
 ABOUT_THE_REQUESTS = ("AppLatencyHigh",)
-#: The range of those alerts' expressions in templates/monitoring/rules.yml.j2 ([5m]).
-REQUESTS_WINDOW_SECONDS = 300
+#: The range of those alerts' expressions (templates/monitoring/rules.yml.j2 is rendered with it).
+REQUESTS_WINDOW = "5m"
+REQUESTS_WINDOW_SECONDS = int(checks.duration_seconds(REQUESTS_WINDOW))
 #: Who the silences say made them.
 AUTHOR = "pyinfra deploy"
 #: Seconds a silence lasts beyond the longest restart, should the deploy never end it.

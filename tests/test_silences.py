@@ -14,7 +14,8 @@ from test_wiring import SECRETS
 
 from bench.fakes import FakeHost, FakeInventory
 from settings.declarations import Settings
-from tasks import PROJECT_DIR, registry, silences
+from tasks import PROJECT_DIR, registry, render, silences
+from tasks.monitoring import rules_context
 from tasks.service import Run
 
 HOSTS = {"data": ["redis", "rabbitmq", "postgres", "monitoring"], "app": ["web", "workers", "beat"]}
@@ -45,10 +46,11 @@ def test_a_restart_on_a_web_host_silences_its_request_latency_for_the_rules_wind
     assert about_the_host.matchers[1] == requests.matchers[1] == 'host="app"'
     assert requests.matchers[0] == 'alertname=~"AppLatencyHigh"'
     assert requests.outlasts == silences.REQUESTS_WINDOW_SECONDS
-    rules = (PROJECT_DIR / "templates/monitoring/rules.yml.j2").read_text()
+    assert silences.REQUESTS_WINDOW_SECONDS == 300
+    rules = render("monitoring/rules.yml.j2", brackets=True, **rules_context(Settings(), 1, ["celery"])).getvalue()
     latency = rules[rules.index("- alert: AppLatencyHigh") :].split("- alert:")[1]
-    ranges = set(re.findall(r"\[(\d+)m\]", latency))
-    assert ranges == {str(silences.REQUESTS_WINDOW_SECONDS // 60)}, ranges
+    ranges = set(re.findall(r"\[(\w+)\]", latency))
+    assert ranges == {silences.REQUESTS_WINDOW}, ranges
 
 
 def test_a_worker_or_broker_restart_also_silences_the_alerts_about_the_consumers_wherever_labelled():
