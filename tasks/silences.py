@@ -14,6 +14,15 @@ and an alert still firing when its silence ends is notified at its group's next 
 deploy that fails half-way leaves a silence that ends by itself (``bound_seconds``), or when
 the next deploy restarts the same units (it ends what a deploy left before it silences again).
 
+A silence never holds an alert Alertmanager is notifying already (``Quiet.sparing``): the
+operator was told it fires, so they must be told it ends, and Alertmanager would not tell them
+when it fires again. It remembers the last notification of each group; an alert whose end was
+muted stays "firing" there, and the same alert firing again is not notified until
+``alertmanager_repeat_interval`` has passed (the bench saw CeleryWorkersMissing's next firing go
+untold; the same in Grafana's Alertmanager: https://github.com/grafana/grafana/issues/80996).
+An alert that ended just before the deploy, its end not yet notified (at most
+``alertmanager_group_interval``), cannot be seen through Alertmanager's API and is not spared.
+
 amtool makes the silences on the monitoring host, against its Alertmanager's private address,
 through the connection pyinfra already holds to that host: no port is opened for it, and the
 machine running pyinfra need not reach Alertmanager. Without a monitoring host nothing is
@@ -60,17 +69,48 @@ END_RETRY_SECONDS = 15
 NOT_ANSWERING = ("not found", "connection refused")
 
 
+#: Labels that tell apart the alerts of one name about one host (UnitNotActive's unit, a
+#: queue, a scrape target), in the order tried: by one of them a silence leaves out an alert
+#: that is notified already and still holds the others of its name.
+IDENTITY_LABELS = ("name", "queue", "instance")
+
+
 @dataclass(frozen=True)
 class Quiet:
-    """One silence: the alerts it holds (amtool's matchers, all of which must match) and how
-    many seconds it outlasts the restart beyond the settle time."""
+    """What one restart silences: the alerts of these names (about ``host``, when set), for
+    ``outlasts`` seconds beyond the settle time."""
 
-    matchers: tuple[str, ...]
+    alertnames: tuple[str, ...]
+    host: str | None = None
     outlasts: int = 0
 
+    @property
+    def matchers(self) -> tuple[str, ...]:
+        """amtool's matchers of the whole silence (all must match)."""
+        return self._matchers(self.alertnames)
 
-def _alertnames(names: tuple[str, ...]) -> str:
-    return f'alertname=~"{"|".join(names)}"'
+    def _matchers(self, names: tuple[str, ...], *more: str) -> tuple[str, ...]:
+        about = (f"host={json.dumps(self.host)}",) if self.host is not None else ()
+        return (f'alertname=~"{"|".join(names)}"', *about, *more)
+
+    def holds(self, labels: dict[str, str]) -> bool:
+        """Whether an alert with these labels is one this silence is for."""
+        return labels.get("alertname") in self.alertnames and self.host in (None, labels.get("host"))
+
+    def sparing(self, notified: list[dict[str, str]]) -> list[tuple[str, ...]]:
+        """The matchers of the silences that hold this quiet's alerts except the ``notified``
+        ones (the labels of the alerts Alertmanager notifies now): one silence for the names
+        with none notified, and one per name with some, which leaves those out by an
+        ``IDENTITY_LABELS`` label; a name whose notified alerts share none is not silenced."""
+        spared = [labels for labels in notified if self.holds(labels)]
+        calm = tuple(name for name in self.alertnames if all(labels["alertname"] != name for labels in spared))
+        made = [self._matchers(calm)] if calm else []
+        for name in self.alertnames:
+            these = [labels for labels in spared if labels["alertname"] == name]
+            label = next((label for label in IDENTITY_LABELS if these and all(label in it for it in these)), None)
+            if label is not None:
+                made.append(self._matchers((name,), *(f"{label}!={json.dumps(it[label])}" for it in these)))
+        return made
 
 
 def quiets(run: Run, consumers: bool = False, exporter: bool = False) -> list[Quiet]:
@@ -79,15 +119,15 @@ def quiets(run: Run, consumers: bool = False, exporter: bool = False) -> list[Qu
     consumers, wherever they are labelled; with ``exporter``
     (node_exporter itself restarts), HostRebooted, which reads node_exporter's start time and
     fires for ``alert_restart_window`` after it."""
-    about = f'host="{run.node.name}"'
-    made = [Quiet((_alertnames(ABOUT_THE_HOST), about))]
+    about = run.node.name
+    made = [Quiet(ABOUT_THE_HOST, about)]
     if run.node.has("web"):
-        made.append(Quiet((_alertnames(ABOUT_THE_REQUESTS), about), outlasts=REQUESTS_WINDOW_SECONDS))
+        made.append(Quiet(ABOUT_THE_REQUESTS, about, outlasts=REQUESTS_WINDOW_SECONDS))
     if consumers:
-        made.append(Quiet((_alertnames(ABOUT_THE_CONSUMERS),)))
+        made.append(Quiet(ABOUT_THE_CONSUMERS))
     if exporter:
         window = int(checks.duration_seconds(run.node.config.alert_restart_window))
-        made.append(Quiet((_alertnames(("HostRebooted",)), about), outlasts=window))
+        made.append(Quiet(("HostRebooted",), about, outlasts=window))
     return made
 
 
@@ -143,10 +183,11 @@ def leftovers(listed: str, comment: str) -> list[str]:
 def _silence(
     monitoring: Node, config: settings.Settings, what: str, made: list[Quiet], ids: list[tuple[str, int]]
 ) -> None:
-    """Make the silences (the operation before the restart), after ending those a deploy that
-    failed after the same restart left; (id, seconds it outlasts the restart) of each goes
-    into ``ids``."""
+    """Make the silences (the operation before the restart), sparing the alerts notified
+    already, after ending those a deploy that failed after the same restart left; (id, seconds
+    it outlasts the restart) of each goes into ``ids``."""
     comment = f"{host.name} restarts {what} (a deploy)"
+    notified = _notified(monitoring)
     succeeded, listed = _amtool(monitoring, "silence query -o json")
     if not succeeded:
         if _not_answering(listed):
@@ -158,15 +199,41 @@ def _silence(
     if stale:
         _amtool(monitoring, f"silence expire {' '.join(stale)}")
     for quiet in made:
-        succeeded, output = _amtool(
-            monitoring,
-            f"silence add --duration={bound_seconds(config) + quiet.outlasts}s --author={shlex.quote(AUTHOR)} "
-            f"--comment={shlex.quote(comment)} {' '.join(map(shlex.quote, quiet.matchers))}",
-        )
-        if succeeded:
-            ids.append((output, quiet.outlasts))
-        else:
-            _not_silenced(what, output)
+        spared = [labels for labels in notified if quiet.holds(labels)]
+        if spared:
+            logger.info(
+                f"{host.name}: notified already, so left out of the silence to have its end told: {_named(spared)}"
+            )
+        for matchers in quiet.sparing(notified):
+            succeeded, output = _amtool(
+                monitoring,
+                f"silence add --duration={bound_seconds(config) + quiet.outlasts}s --author={shlex.quote(AUTHOR)} "
+                f"--comment={shlex.quote(comment)} {' '.join(map(shlex.quote, matchers))}",
+            )
+            if succeeded:
+                ids.append((output, quiet.outlasts))
+            else:
+                _not_silenced(what, output)
+
+
+def _named(alerts: list[dict[str, str]]) -> str:
+    """Alerts by their labels, as an operator reads them: UnitNotActive{name="x", host="h"}."""
+    return ", ".join(
+        labels["alertname"]
+        + "{"
+        + ", ".join(f"{k}={json.dumps(v)}" for k, v in labels.items() if k != "alertname")
+        + "}"
+        for labels in alerts
+    )
+
+
+def _notified(monitoring: Node) -> list[dict[str, str]]:
+    """The labels of the alerts Alertmanager notifies now (firing, neither silenced nor
+    inhibited, or just received); none when it cannot say (the silences then hold them too)."""
+    succeeded, listed = _amtool(monitoring, "alert query --active --unprocessed -o json")
+    if not succeeded:
+        return []
+    return [alert["labels"] for alert in json.loads(listed or "[]")]
 
 
 def _not_silenced(what: str, reason: str) -> None:

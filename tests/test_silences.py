@@ -112,3 +112,36 @@ def test_a_silence_a_failed_deploy_left_is_found_by_its_comment_and_author_only(
     )
     assert silences.leftovers(listed, comment) == ["left"]
     assert silences.leftovers("", comment) == []
+
+
+def _alert(alertname: str, **labels: str) -> dict[str, str]:
+    return {"alertname": alertname, **labels}
+
+
+def test_a_silence_leaves_out_the_alerts_notified_already_by_the_label_that_names_them():
+    """Alertmanager does not notify an alert again while its last notification says "firing"
+    (until repeat_interval): one told, whose end a deploy's silence muted, would fire again
+    untold. The bench saw it (tests/test_monitoring.py); so what is told already is spared."""
+    about_the_host, *_ = silences.quiets(run_on("app"))
+    worker = _alert("UnitNotActive", name="stackapp-worker.service", host="app", instance="app:9100")
+    elsewhere = [_alert("UnitNotActive", name="x.service", host="data"), _alert("Watchdog")]
+    assert about_the_host.sparing(elsewhere) == [about_the_host.matchers]
+    assert about_the_host.sparing([worker, *elsewhere]) == [
+        ('alertname=~"InstanceDown|AppNotAnswering|RedisDown|PostgreSQLDown"', 'host="app"'),
+        ('alertname=~"UnitNotActive"', 'host="app"', 'name!="stackapp-worker.service"'),
+    ]
+    beat = _alert("UnitNotActive", name="stackapp-beat.service", host="app")
+    assert about_the_host.sparing([worker, beat])[1][2:] == (
+        'name!="stackapp-worker.service"',
+        'name!="stackapp-beat.service"',
+    )
+
+
+def test_a_notified_alert_no_label_tells_apart_is_not_silenced_at_all():
+    *_, consumers = silences.quiets(run_on("app"), consumers=True)
+    assert consumers.sparing([_alert("CeleryWorkersMissing", severity="critical")]) == [
+        ('alertname=~"QueueWithoutConsumers"',)
+    ]
+    assert consumers.sparing([_alert("CeleryWorkersMissing"), _alert("QueueWithoutConsumers", queue="celery")]) == [
+        ('alertname=~"QueueWithoutConsumers"', 'queue!="celery"')
+    ]
