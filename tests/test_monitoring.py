@@ -270,8 +270,8 @@ def holds(silence: dict, labels: dict[str, str]) -> bool:
 def alerting_state(cluster: Cluster, alertnames: set[str], since: float) -> str:
     """What Prometheus and Alertmanager hold of ``alertnames`` (in every state: amtool shows
     only the active ones unless told), the silences (the expired ones too: what muted what,
-    when) and every notification of them the receiver got since ``since`` (seconds before
-    now): why an expected notification did not come."""
+    when) and every notification of them the receiver got after ``since`` (a time.monotonic()),
+    listed in seconds before now: why an expected notification did not come."""
     monitor = cluster.one("monitoring")
     amtool = f"amtool --alertmanager.url=http://{monitor.address}:{Settings().alertmanager_port}"
     names = "|".join(sorted(alertnames))
