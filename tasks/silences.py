@@ -187,7 +187,6 @@ def _silence(
     already, after ending those a deploy that failed after the same restart left; (id, seconds
     it outlasts the restart) of each goes into ``ids``."""
     comment = f"{host.name} restarts {what} (a deploy)"
-    notified = _notified(monitoring)
     succeeded, listed = _amtool(monitoring, "silence query -o json")
     if not succeeded:
         if _not_answering(listed):
@@ -195,6 +194,7 @@ def _silence(
         else:
             _not_silenced(what, listed)
         return
+    notified = _notified(monitoring)  # before the leftovers end: what they hold was never told
     stale = leftovers(listed, comment)
     if stale:
         _amtool(monitoring, f"silence expire {' '.join(stale)}")
