@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from bench import Cluster
+from bench import Cluster, Host
+from bench.receiver import AlertReceiver
 from clients import (
     APP,
     MANAGED_UNITS,
@@ -165,19 +166,10 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
     receiver, host = deployed.receiver, deployed.one(group)
     wait_until(lambda: query(deployed, f'node_systemd_unit_state{{name="{unit}", state="active"}} == 1'), timeout=60)
 
-    def about_the_unit(since: float, status: str):
-        return [
-            (at, alert)
-            for at, alert in receiver.alerts(since)
-            if alert["labels"]["alertname"] in alerts
-            and alert["status"] == status
-            and alert["labels"].get("name", unit) == unit
-        ]
-
     stopped = time.monotonic()
     host.exec(f"systemctl stop {unit}")
     try:
-        fired = wait_until(lambda: about_the_unit(stopped, "firing"), timeout=120, interval=0.5)
+        fired = wait_until(lambda: about_the_unit(receiver, unit, alerts, stopped, "firing"), timeout=120, interval=0.5)
     except AssertionError:
         raise AssertionError(
             f"nothing about {unit} notified in 120 s; {alerting_state(deployed, alerts, stopped - 3600)}"
@@ -185,7 +177,9 @@ def test_stopping_a_service_sends_a_firing_alert_and_starting_it_a_resolved_one(
     finally:
         started = time.monotonic()
         host.exec(f"systemctl start {unit}")
-    resolved = wait_until(lambda: about_the_unit(started, "resolved"), timeout=120, interval=0.5)
+    resolved = wait_until(
+        lambda: about_the_unit(receiver, unit, alerts, started, "resolved"), timeout=120, interval=0.5
+    )
     REPORT.append(
         f"{unit}: firing alert {fired[0][1]['labels']['alertname']} received {fired[0][0] - stopped:.1f}s after the "
         f"stop; resolved {resolved[0][0] - started:.1f}s after the start"
@@ -206,16 +200,13 @@ def test_an_alert_told_before_a_deploy_is_left_out_of_its_silences_and_told_agai
     stop is told again."""
     receiver, host, unit = deployed.receiver, deployed.one("workers"), f"{APP}-worker.service"
     monitor = deployed.one("monitoring")
-    amtool = f"amtool --alertmanager.url=http://{monitor.address}:{Settings().alertmanager_port}"
+    amtool = amtool_on(monitor)
     alerts = {"CeleryWorkersMissing", "UnitNotActive"}
 
     def told(status: str, since: float) -> dict[str, dict[str, str]]:
         return {
             alert["labels"]["alertname"]: alert["labels"]
-            for _, alert in receiver.alerts(since)
-            if alert["status"] == status
-            and alert["labels"]["alertname"] in alerts
-            and alert["labels"].get("name", unit) == unit
+            for _, alert in about_the_unit(receiver, unit, alerts, since, status)
         }
 
     def until_told(status: str, since: float) -> dict[str, dict[str, str]]:
@@ -255,6 +246,25 @@ def test_an_alert_told_before_a_deploy_is_left_out_of_its_silences_and_told_agai
     until_told("resolved", started)
 
 
+def about_the_unit(
+    receiver: AlertReceiver, unit: str, alertnames: set[str], since: float, status: str
+) -> list[tuple[float, dict]]:
+    """(arrival, alert) of the ``alertnames`` in ``status`` the receiver got after ``since``
+    about ``unit`` (alerts without a unit, like CeleryWorkersMissing, count for any)."""
+    return [
+        (at, alert)
+        for at, alert in receiver.alerts(since)
+        if alert["labels"]["alertname"] in alertnames
+        and alert["status"] == status
+        and alert["labels"].get("name", unit) == unit
+    ]
+
+
+def amtool_on(monitor: Host) -> str:
+    """amtool on the monitoring host, against its Alertmanager."""
+    return f"amtool --alertmanager.url=http://{monitor.address}:{Settings().alertmanager_port}"
+
+
 def holds(silence: dict, labels: dict[str, str]) -> bool:
     """Whether Alertmanager's ``silence`` (as its API lists it) mutes an alert with ``labels``:
     every matcher matches (a regex matches the whole value; a missing label is empty)."""
@@ -273,7 +283,7 @@ def alerting_state(cluster: Cluster, alertnames: set[str], since: float) -> str:
     when) and every notification of them the receiver got after ``since`` (a time.monotonic()),
     listed in seconds before now: why an expected notification did not come."""
     monitor = cluster.one("monitoring")
-    amtool = f"amtool --alertmanager.url=http://{monitor.address}:{Settings().alertmanager_port}"
+    amtool = amtool_on(monitor)
     names = "|".join(sorted(alertnames))
     prometheus = [(row["metric"], row["value"][1]) for row in query(cluster, f'ALERTS{{alertname=~"{names}"}}')]
     held = monitor.exec(
