@@ -11,13 +11,19 @@ Prints each figure, the ratios and the targets (all-in-one ≤ 1.3 × floor; no-
 six hosts ≤ 1.5 × all-in-one) and, for each deploy, the operations that took longest (from the
 moments pyinfra starts each one), which is where the time goes when a target is missed.
 
-    make setup && .venv/bin/python bench/deploy_speed.py
+Then how the cost grows with the fleet: a fresh deploy and a no-op re-run of 1, 3, 6 and 12
+hosts (``fleet``: the all-in-one, then a data host beside application hosts added), against the
+target of 12 hosts ≤ 1.6 × one host, with the longest operations of the largest fleet.
 
-Set STACK_BENCH_APT_PROXY (e.g. an apt-cacher-ng on this machine) to measure with a warm cache.
+    make setup && .venv/bin/python bench/deploy_speed.py [--only ratios|fleet] [--sizes 1,3,6,12]
+
+The deploys use the bench's apt cache and wheelhouse (tests/bench/caches.py), as the tests do;
+STACK_BENCH_CACHE=off measures them cold. The floor script uses the same (its container is made alike).
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -29,9 +35,13 @@ sys.path[:0] = [str(PROJECT_DIR / "tests"), str(PROJECT_DIR)]
 
 from bench import PROJECT_DIR as _ROOT
 from bench import Cluster, ensure_base_image, host_ca_certificates
-from bench.topologies import TOPOLOGIES, bench_settings
+from bench.topologies import APP, DATA, TOPOLOGIES, bench_settings
 
 OPERATION_START = "--> Starting operation: "
+#: The fleets of the growth table, by their number of hosts.
+FLEET_SIZES = (1, 3, 6, 12)
+#: The growth target: the largest fleet's deploy and re-run at most this many times one host's.
+FLEET_TARGET = 1.6
 
 
 def timed_deploy(cluster: Cluster) -> tuple[float, list[tuple[float, str]]]:
@@ -126,8 +136,64 @@ def report(title: str, spans: list[tuple[float, str]], count: int = 8) -> None:
         print(f"    {seconds:6.1f} s  {operation}")
 
 
+def fleet(size: int) -> dict[str, list[str]]:
+    """``size`` hosts: the all-in-one alone, or a data host (the data services and monitoring)
+    and ``size - 1`` application hosts (web and workers; beat on the first), as a fleet grows."""
+    if size == 1:
+        return TOPOLOGIES["all-in-one"]
+    hosts = {"data": [*DATA, "monitoring"]}
+    for number in range(1, size):
+        hosts[f"app{number}"] = [group for group in APP if group != "beat" or number == 1]
+    return hosts
+
+
+def growth(workdir: Path, sizes: tuple[int, ...] = FLEET_SIZES) -> None:
+    """Print the fresh deploy and the no-op re-run of each fleet of ``sizes`` hosts, against
+    the first's (one host by default)."""
+    rows, largest = [], ([], [])
+    for size in sizes:
+        cluster = new_cluster(fleet(size), f"fleet-{size}", workdir)
+        try:
+            fresh, fresh_spans = timed_deploy(cluster)
+            noop, noop_spans = timed_deploy(cluster)
+        finally:
+            cluster.destroy()
+        rows.append((size, fresh, noop))
+        largest = (fresh_spans, noop_spans)
+        print(f"  {size} host(s): fresh {fresh:.1f} s, no-op re-run {noop:.1f} s", flush=True)
+    first, one_fresh, one_noop = rows[0]
+    print(f"\n| Hosts | Fresh deploy (s) | × {first} | No-op re-run (s) | × {first} |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for size, fresh, noop in rows:
+        print(f"| {size} | {fresh:.1f} | {fresh / one_fresh:.2f} | {noop:.1f} | {noop / one_noop:.2f} |")
+    size, fresh, noop = rows[-1]
+    for what, ratio in (("fresh", fresh / one_fresh), ("no-op re-run", noop / one_noop)):
+        met = "yes" if ratio <= FLEET_TARGET else "NO"
+        print(f"{size} hosts / {first}, {what}: {ratio:.2f} (target ≤ {FLEET_TARGET}): {met}")
+    print(f"\nWhere the time goes with {size} hosts:")
+    report(f"fresh deploy of {size} hosts", largest[0])
+    report(f"no-op re-run of {size} hosts", largest[1], 5)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("ratios", "fleet"), help="measure only the ratios or only the fleet")
+    parser.add_argument(
+        "--sizes", type=lambda text: tuple(map(int, text.split(","))), default=FLEET_SIZES, help="the fleets, e.g. 1,12"
+    )
+    arguments = parser.parse_args()
+    only = arguments.only
     workdir = Path(tempfile.mkdtemp(prefix="deploy-speed-"))
+    if only != "fleet":
+        ratios(workdir)
+    if only != "ratios":
+        print("\nHow the cost grows with the fleet:", flush=True)
+        growth(workdir, arguments.sizes)
+
+
+def ratios(workdir: Path) -> None:
+    """Print the all-in-one's fresh deploy and re-run, the six hosts' and the floor, and their
+    ratios against the targets."""
     clusters = []
     try:
         aio = new_cluster(TOPOLOGIES["all-in-one"], "all-in-one", workdir)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from pyinfra import host, inventory, logger
+from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
@@ -42,7 +42,19 @@ from pyinfra.operations import files, pip, python, server, systemd
 from pyinfra.operations.util import any_changed
 
 import settings
-from tasks import FILES_DIR, app_releases, exporters, gate, rabbitmq, releases, render, rollout, shipped_file, silences
+from tasks import (
+    FILES_DIR,
+    app_releases,
+    exporters,
+    gate,
+    peers,
+    rabbitmq,
+    releases,
+    render,
+    rollout,
+    shipped_file,
+    silences,
+)
 from tasks import source as app_source
 from tasks.app_releases import Layout
 from tasks.service import ANYONE, Node, Port, Run, Scrape, Service, Wiring
@@ -498,8 +510,7 @@ def existing_queue_types(run: Run) -> dict[str, str]:
     config = run.node.config
     if config.celery_broker != "rabbitmq":
         return {}
-    broker = inventory.get_host(run.wiring.hosts("rabbitmq")[0].name)
-    definitions = broker.get_fact(rabbitmq.RabbitmqDefinitions)
+    definitions = peers.fact(run.wiring.hosts("rabbitmq")[0].name, rabbitmq.RabbitmqDefinitions)
     return rabbitmq.existing_queue_types(definitions, config.rabbitmq_vhost, run.wiring.queues())
 
 
@@ -630,7 +641,7 @@ def _peer_lock(run: Run, venv_id: str) -> str:
         if node.name == run.node.name:
             continue
         path = f"{Layout(node.config.app_home).venv(venv_id)}/{LOCK}"
-        lines = inventory.get_host(node.name).get_fact(FileContents, path=path)
+        lines = peers.fact(node.name, FileContents, path=path)
         if lines:
             return "\n".join([f"# The packages of the venv {venv_id} on {node.name}.", *lines]) + "\n"
     return f"# No other application host had the venv {venv_id}: this host resolved it.\n"

@@ -39,12 +39,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pyinfra import host, inventory, logger
-from pyinfra.api import StringCommand
+from pyinfra import host, logger
 from pyinfra.operations import python
 
 import settings
 from settings import checks
+from tasks import peers
 from tasks.service import Node, Run
 
 #: Alerts about one host that its own restarts raise for a while (labelled with the host).
@@ -156,12 +156,9 @@ def _amtool(monitoring: Node, arguments: str) -> tuple[bool, str]:
     it succeeded, and its output (or why it failed)."""
     url = f"http://{monitoring.address}:{monitoring.config.alertmanager_port}"
     try:
-        succeeded, output = inventory.get_host(monitoring.name).run_shell_command(
-            StringCommand(f"amtool --alertmanager.url={url} {arguments}")
-        )
+        return peers.run(monitoring.name, f"amtool --alertmanager.url={url} {arguments}")
     except Exception as error:  # noqa: BLE001 - a host outside this run (--limit), a lost connection
         return False, f"{type(error).__name__}: {error}"
-    return succeeded, (output.stdout if succeeded else output.stderr).strip()
 
 
 def _not_answering(output: str) -> bool:

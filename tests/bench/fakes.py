@@ -36,6 +36,9 @@ class FakeInventory(list):
     def get_group(self, name: str, default=None) -> list[FakeHost]:
         return [host for host in self if name in host.groups]
 
+    def get_host(self, name: str) -> FakeHost:
+        return next(host for host in self if host.name == name)
+
 
 #: Secrets that pass every check, in the environment variables the deploy reads.
 GOOD_SECRETS = {
