@@ -89,10 +89,25 @@ def deployed(request, converge) -> Cluster:
 
 
 TIMINGS: list[str] = []
+#: Seconds spent per module and shared topology (setup, call and teardown of its tests): how
+#: bench/streams.py's streams are balanced.
+SPENT: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    shared = [name for name in SHARED if name in report.nodeid]
+    key = f"{module} [{shared[0]}]" if shared else module
+    SPENT[key] = SPENT.get(key, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Measured deploy times of the session, and the fault suite's table, for the record."""
+    """Time per module, measured deploy times of the session, and the fault suite's table, for the record."""
+    spent = sorted(((seconds, key) for key, seconds in SPENT.items() if seconds >= 6), reverse=True)
+    if spent:
+        terminalreporter.section("time per module and shared topology (over 0.1 min)")
+        for seconds, key in spent:
+            terminalreporter.write_line(f"{seconds / 60:6.1f} min  {key}")
     if TIMINGS:
         terminalreporter.section("deploy timings")
         for line in TIMINGS:

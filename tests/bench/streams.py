@@ -1,20 +1,26 @@
 """
-``make test``'s suite in two streams at once, each on hosts of its own, so the machine's two
-cores overlap one stream's waits (a fault's outage, a deploy's downloads) with the other's work:
+``make test``'s suite in three streams at once, each on hosts of its own, so the machine's two
+cores overlap one stream's waits (a fault's outage, an alert's ``for``, a deploy's downloads)
+with the others' work:
 
-- the fault suite (``tests/faults``) and the tests of the topologies no other test uses
-  (scale-out, own-app) on Debian 13, then the core run on Debian 12;
-- every other test on Debian 13 (the shared topologies' tests among them).
+- the fault suite (``tests/faults``), then own-app and old-celery, on Debian 13;
+- scale-out, then the tests of the shared all-in-one topology (``-k all-in-one``: its
+  parametrized tests, interrupted's among them), on Debian 13;
+- every other test (the shared split topology's, bad-input's and those that need no container)
+  on Debian 13, then the core run on Debian 12.
 
-Measured on 2 cores with the fault suite alone in the first stream: 19.6 and 33.8 min; hence the
-two modules moved over, about 6 min of the second stream. With the health gate's tests the
-streams took 33.9 and 47.0 min (3e55e17); own-app (about 9 min with its monitoring host)
-moved over too. At 80ec6fa, 46.7 and 42.5 min; the fault suite's alert-timing test then added
-about 5 min to the first, so old-celery (about 4 min) went back to the second.
+A shared topology is deployed once per pytest session, so its tests stay in one stream: the
+second and third streams partition the same files by the topology's name in the test's id
+(``-k``), and neither deploys the other's. Each session prints the time its modules and
+topologies took (tests/conftest.py), what the next balancing starts from.
 
-What both streams share is made first, once (``prepare``): the base image of each release, the
-apt cache and each image's wheelhouse, which two sessions would otherwise build at the same
-time. Each stream's output goes to a file and is printed whole when both have ended, one after
+History: in one stream, 49 min; in two (faults, scale-out and own-app, then the core run;
+everything else), 31 min at first, then 51 and 60 min as the suite grew (5f5ec99: 52.6 + 7.5
+and 51.2 min).
+
+What the streams share is made first, once (``prepare``): the base image of each release, the
+apt cache and each image's wheelhouse, which the sessions would otherwise build at the same
+time. Each stream's output goes to a file and is printed whole when all have ended, one after
 the other. A pytest that selects nothing in its part (exit 5, e.g. ``PYTEST_ARGS='-m "not
 faults"'`` in the fault stream) says so and its stream goes on; the run fails when a command
 failed otherwise, or when no pytest ran a test at all: an empty run never passes for a green one.
@@ -38,8 +44,14 @@ from bench import DEBIAN_VARIABLE, PROJECT_DIR, caches, debian_release, docker_c
 
 #: The release of the core run (the Makefile's CORE_DEBIAN).
 CORE_DEBIAN = os.environ.get("CORE_DEBIAN", "bookworm")
-#: What the first stream runs on the newest release; the second runs everything else.
-FIRST_STREAM = ("tests/faults", "tests/test_scale_out.py", "tests/test_own_app.py")
+#: What the first stream runs on the newest release.
+FIRST_STREAM = ("tests/faults", "tests/test_own_app.py", "tests/test_old_celery.py")
+#: What the second stream runs first. The files no stream names are shared by the second stream
+#: and the third, by topology (below).
+SCALE_OUT = "tests/test_scale_out.py"
+#: The shared topology whose tests the second stream runs (tests/bench/topologies.py's SHARED);
+#: the third runs the rest of the same files, the split topology's tests among them.
+SECOND_STREAMS_TOPOLOGY = "all-in-one"
 #: pytest's exit status when it collected no test.
 NO_TESTS = 5
 
@@ -84,7 +96,7 @@ class Stream:
 
 
 def prepare() -> None:
-    """Build what both streams would otherwise build at once: each release's base image, the
+    """Build what the streams would otherwise build at once: each release's base image, the
     apt cache and each image's wheelhouse."""
     client = docker_client()
     for release in dict.fromkeys([debian_release(), CORE_DEBIAN]):
@@ -94,16 +106,22 @@ def prepare() -> None:
 
 
 def streams(pytest_args: list[str]) -> list[Stream]:
-    # No cache plugin: two sessions would write .pytest_cache at once.
+    # No cache plugin: the sessions would write .pytest_cache at once.
     pytest = [str(Path(sys.executable).parent / "pytest"), "-p", "no:cacheprovider", *pytest_args]
     core = {DEBIAN_VARIABLE: CORE_DEBIAN}
     release = debian_release()
+    others = [*pytest, *(f"--ignore={path}" for path in (*FIRST_STREAM, SCALE_OUT))]
+    topology = SECOND_STREAMS_TOPOLOGY
     return [
+        Stream(f"{', '.join(FIRST_STREAM)} ({release})", [([*pytest, *FIRST_STREAM], {})]),
         Stream(
-            f"{', '.join(FIRST_STREAM)} ({release}), then the core run ({CORE_DEBIAN})",
-            [([*pytest, *FIRST_STREAM], {}), ([*pytest, "-m", "core", "-k", "not split"], core)],
+            f"{SCALE_OUT}, then every other file's {topology} tests ({release})",
+            [([*pytest, SCALE_OUT], {}), ([*others, "-k", topology], {})],
         ),
-        Stream(f"every other test ({release})", [([*pytest, *(f"--ignore={path}" for path in FIRST_STREAM)], {})]),
+        Stream(
+            f"every other test ({release}), then the core run ({CORE_DEBIAN})",
+            [([*others, "-k", f"not {topology}"], {}), ([*pytest, "-m", "core", "-k", "not split"], core)],
+        ),
     ]
 
 
@@ -120,7 +138,7 @@ def main(pytest_args: list[str]) -> int:
         print(f"\n===== stream: {stream.name}: exits {stream.statuses} after {stream.seconds / 60:.1f} min =====")
         print(stream.log.read_text(errors="replace"), flush=True)
         stream.log.unlink()
-    print(f"===== both streams ended in {(time.monotonic() - started) / 60:.1f} min =====")
+    print(f"===== all streams ended in {(time.monotonic() - started) / 60:.1f} min =====")
     statuses = [status for stream in running for status in stream.statuses]
     failed = [status for status in statuses if status not in (0, NO_TESTS)]
     if failed:
