@@ -181,6 +181,10 @@ class PyinfraRun:
         return self.output.rpartition(said)[2] if said in self.output else ""
 
 
+#: What ends the stream of a Host.exec whose output arrived whole.
+EXEC_END = "[stack-bench exec end]"
+
+
 @dataclass
 class Host:
     name: str
@@ -189,9 +193,32 @@ class Host:
     address: str = ""
 
     def exec(self, command: str, check: bool = True, user: str = "root") -> str:
-        """Run ``command`` with sh inside the container; the output, or AssertionError if it fails."""
-        code, output = self.container.exec_run(["sh", "-c", command], user=user)
+        """Run ``command`` with sh inside the container; the output, or AssertionError if it fails.
+
+        Docker's exec sometimes hands back an empty stream for a command that printed and
+        exited 0 (moby/moby#27289, docker/docker-py#2042; seen here under load: ``readlink`` of a
+        link answered ""). So the command's output also goes to a file, the stream ends with a
+        mark, and without the mark the file is read again (a read can be repeated, the command
+        cannot). Files older than 10 min are removed on the way."""
+        saved = f"/tmp/stack-bench-exec.{uuid.uuid4().hex}"
+        wrapped = (
+            "find /tmp -maxdepth 1 -name 'stack-bench-exec.*' -mmin +10 -delete 2>/dev/null; "
+            f'({command}\n) >{saved} 2>&1; status=$?; cat {saved}; printf %s "{EXEC_END}"; exit $status'
+        )
+        code, output = self.container.exec_run(["sh", "-c", wrapped], user=user)
         text = output.decode(errors="replace")
+        for _ in range(10):
+            if EXEC_END in text:
+                break
+            time.sleep(0.2)
+            text = self.container.exec_run(["sh", "-c", f'cat {saved} && printf %s "{EXEC_END}"'], user=user)[1].decode(
+                errors="replace"
+            )
+        else:
+            raise AssertionError(
+                f"{self.name}: `{command}` exited {code}; its output did not arrive in 11 reads of {saved}"
+            )
+        text = text.rpartition(EXEC_END)[0]
         if check and code != 0:
             raise AssertionError(f"{self.name}: `{command}` exited {code}:\n{text}")
         return text

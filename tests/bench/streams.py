@@ -64,7 +64,8 @@ def _new_log() -> Path:
 
 @dataclass
 class Stream:
-    """Commands run one after the other until one fails, their output in one file."""
+    """Commands run one after the other, their output in one file. Each is a session of its
+    own, so a failed one does not stop the next: one run shows every failure."""
 
     name: str
     commands: list[tuple[list[str], dict[str, str]]]
@@ -90,8 +91,6 @@ class Stream:
                 self.statuses.append(status)
                 if status == NO_TESTS:
                     output.write("pytest collected no tests here (exit 5)\n")
-                elif status != 0:
-                    break
         self.seconds = time.monotonic() - started
 
 
