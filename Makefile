@@ -26,7 +26,7 @@ check: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## test: the checks above, then in three streams at once (tests/bench/streams.py): the fault suite, own-app and old-celery; scale-out, then the all-in-one's tests; every other test, then the core run on Debian 12 (the rest on Debian 13)
+## test: the checks above, then in three streams at once (tests/bench/streams.py): the fault suite, own-app and old-celery; scale-out, the all-in-one's tests, then the core run on Debian 12; every other test (the rest on Debian 13)
 test: check setup
 	PYTHONPATH=tests:. CORE_DEBIAN=$(CORE_DEBIAN) $(BIN)/python -m bench.streams $(PYTEST_ARGS)
 
