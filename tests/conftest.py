@@ -95,6 +95,7 @@ SPENT: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
+    """Add a test's setup, call or teardown time to its module's (and shared topology's) sum."""
     module = report.nodeid.split("::")[0]
     shared = [name for name in SHARED if name in report.nodeid]
     key = f"{module} [{shared[0]}]" if shared else module
