@@ -7,10 +7,20 @@ never by running the command twice. No container: a fake one runs ``sh`` here.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from bench import Host
+
+
+@pytest.fixture(autouse=True)
+def no_files_left():
+    """The fake container is this machine: remove the output files ``Host.exec`` left in /tmp."""
+    before = set(Path("/tmp").glob("stack-bench-exec.*"))
+    yield
+    for path in set(Path("/tmp").glob("stack-bench-exec.*")) - before:
+        path.unlink(missing_ok=True)
 
 
 class LossyContainer:
