@@ -250,3 +250,11 @@ def ca_file_error(path: str) -> str | None:
     except ssl.SSLError as error:
         return f"{path} is not a valid PEM certificate: {error}"
     return None
+
+
+def calendar(value: str) -> str | None:
+    """A systemd calendar expression, as far as it can be told here (systemd-analyze may not
+    be on the machine running pyinfra): non-empty, one line, no shell or unit-file syntax."""
+    if not value.strip() or any(character in value for character in "\n=;$`\\"):
+        return 'must be a systemd OnCalendar expression, e.g. "Sun *-*-* 01:00:00" or "daily"'
+    return None

@@ -12,7 +12,7 @@ from pyinfra.api.exceptions import PyinfraError
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 #: Inventory groups, each a role. A host may be in several.
-GROUPS = ("redis", "rabbitmq", "postgres", "web", "workers", "beat", "monitoring", "front")
+GROUPS = ("redis", "rabbitmq", "postgres", "backup", "web", "workers", "beat", "monitoring", "front")
 #: Groups whose hosts run application code and so need the broker and the result database.
 APP_GROUPS = ("web", "workers", "beat")
 

@@ -124,6 +124,31 @@ class Settings:
         "celeryuser", "Role owning that database, used by the application.", checks.identifier
     )
 
+    # Backups (tasks/backup.py)
+    backup_full_calendar: str = setting(
+        "Sun *-*-* 01:00:00",
+        "When pgBackRest takes a full backup (a systemd OnCalendar expression; a run missed while the "
+        "host was down is taken at boot).",
+        checks.calendar,
+    )
+    backup_diff_calendar: str = setting(
+        "Mon..Sat *-*-* 01:00:00",
+        "When pgBackRest takes a differential backup (changes since the last full one); must not overlap "
+        "backup_full_calendar.",
+        checks.calendar,
+    )
+    backup_retention_full: int = setting(
+        2,
+        "Full backups kept (with their differentials and the WAL to replay them); older ones expire.",
+        checks.positive,
+    )
+    backup_archive_timeout_seconds: int = setting(
+        60,
+        "PostgreSQL switches to a new WAL segment, archived at once, at least this often while it is written: "
+        "the most a lost database host loses (RPO).",
+        checks.positive,
+    )
+
     # Choices
     celery_broker: Literal["rabbitmq", "redis"] = setting(
         "rabbitmq",
@@ -470,6 +495,14 @@ class Secrets:
         metadata={
             "env": "STACK_POSTGRESQL_PASSWORD",
             "help": "Password of the PostgreSQL role (stored as SCRAM-SHA-256).",
+            "when": "always",
+        }
+    )
+    backup_cipher_pass: str = field(
+        metadata={
+            "env": "STACK_BACKUP_CIPHER_PASS",
+            "help": "Passphrase of the backup repository's encryption (aes-256-cbc), and the seed of the "
+            "backup hosts' SSH keys. Keep a copy off the hosts: no backup can be read without it.",
             "when": "always",
         }
     )

@@ -28,6 +28,8 @@ from tasks import packaged_service, releases, render
 from tasks.service import Node, Port, Run, Service
 
 SCRAM_ITERATIONS = 4096
+#: pgBackRest's name for the cluster, whose WAL archive_command pushes (tasks/backup.py).
+BACKUP_STANZA = "stack"
 
 
 def version(node: Node) -> str:
@@ -42,6 +44,11 @@ def version(node: Node) -> str:
             "set postgresql_version (e.g. in group_data/all.py)"
         )
     return release.postgresql
+
+
+def data_directory(node: Node) -> str:
+    """The data directory of the cluster Debian creates."""
+    return f"/var/lib/postgresql/{version(node)}/main"
 
 
 def unit(node: Node) -> str:
@@ -106,8 +113,14 @@ def postgresql_server(run: Run) -> None:
     psql: dict[str, Any] = dict(psql_port=config.postgresql_port, _sudo_user="postgres")
 
     our_config = files.put(
-        name="Write our PostgreSQL settings (listen address, port, SCRAM)",
-        src=render("postgresql.conf.j2", address=run.node.address, port=config.postgresql_port),
+        name="Write our PostgreSQL settings (listen address, port, SCRAM, WAL archiving)",
+        src=render(
+            "postgresql.conf.j2",
+            address=run.node.address,
+            port=config.postgresql_port,
+            stanza=BACKUP_STANZA,
+            archive_timeout=config.backup_archive_timeout_seconds,
+        ),
         dest=f"{config_dir}/conf.d/50-stack.conf",
         user="postgres",
         group="postgres",

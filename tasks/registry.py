@@ -14,7 +14,7 @@ from typing import Any
 from pyinfra.facts.server import LinuxDistribution
 
 import settings
-from tasks import app, base, exporters, firewall, front, grafana, monitoring, postgresql, rabbitmq, redis
+from tasks import app, backup, base, exporters, firewall, front, grafana, monitoring, postgresql, rabbitmq, redis
 from tasks.service import Node, Service, Wiring
 
 SERVICES: tuple[Service, ...] = (
@@ -23,6 +23,7 @@ SERVICES: tuple[Service, ...] = (
     redis.SERVICE,
     rabbitmq.SERVICE,
     postgresql.SERVICE,
+    backup.SERVICE,  # after PostgreSQL, whose WAL it archives
     app.SERVICE,  # after the data services it connects to
     front.SERVICE,
     exporters.NODE_EXPORTER,

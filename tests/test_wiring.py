@@ -27,6 +27,7 @@ SECRETS = settings.Secrets(
     redis_password="r" * 8 + "0123456789abcdef",
     rabbitmq_password="q" * 8 + "0123456789abcdef",
     postgresql_password="p" * 8 + "0123456789abcdef",
+    backup_cipher_pass="b" * 8 + "0123456789abcdef",
 )
 DATA = ["redis", "rabbitmq", "postgres"]
 APP = ["web", "workers", "beat"]

@@ -127,6 +127,7 @@ def test_secrets() -> dict[str, str]:
         "STACK_REDIS_PASSWORD": random_secrets.token_hex(16),
         "STACK_RABBITMQ_PASSWORD": random_secrets.token_hex(16),
         "STACK_POSTGRESQL_PASSWORD": random_secrets.token_hex(16),
+        "STACK_BACKUP_CIPHER_PASS": random_secrets.token_hex(16),
     }
 
 

@@ -45,6 +45,7 @@ GOOD_SECRETS = {
     "STACK_REDIS_PASSWORD": "r" + "0123456789abcdef",
     "STACK_RABBITMQ_PASSWORD": "q" + "0123456789abcdef",
     "STACK_POSTGRESQL_PASSWORD": "p" + "0123456789abcdef",
+    "STACK_BACKUP_CIPHER_PASS": "b" + "0123456789abcdef",
 }
 #: Secrets a test may set, removed before each test that validates (tests/conftest.py).
 SECRET_VARIABLES = [

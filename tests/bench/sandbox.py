@@ -35,7 +35,12 @@ TOPOLOGY = TOPOLOGIES["demo"]
 DEMO_SETTINGS = {"alert_webhook_url": "http://127.0.0.1:9/the-demo-has-no-receiver", "grafana": "none"}
 #: The reference app's settings (files/app): the demo submits its task only when it is the one deployed.
 REFERENCE = Settings()
-SECRET_VARIABLES = ("STACK_REDIS_PASSWORD", "STACK_RABBITMQ_PASSWORD", "STACK_POSTGRESQL_PASSWORD")
+SECRET_VARIABLES = (
+    "STACK_REDIS_PASSWORD",
+    "STACK_RABBITMQ_PASSWORD",
+    "STACK_POSTGRESQL_PASSWORD",
+    "STACK_BACKUP_CIPHER_PASS",
+)
 
 
 def _secrets_file() -> Path:
