@@ -39,6 +39,10 @@ STANZA = postgresql.BACKUP_STANZA
 CONFIG = "/etc/pgbackrest/conf.d/50-stack.conf"
 SSH_DIRECTORY = "/var/lib/postgresql/.ssh"
 HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
+#: OpenSSH's client adds every host key the server offers to known_hosts (UpdateHostKeys, on by
+#: default): our pinned file grew by two lines at each connection, and each deploy wrote it back
+#: (seen on the bench). Off, and no host but a pinned one is trusted.
+SSH_CLIENT_CONFIG = "# Managed by the deploy (tasks/backup.py).\nUpdateHostKeys no\nStrictHostKeyChecking yes\n"
 #: What a key from the other side may run: pgBackRest, with the arguments it asked for.
 FORCED_COMMAND = 'command="/usr/bin/pgbackrest ${SSH_ORIGINAL_COMMAND#* }",restrict'
 #: The oneshot unit that takes a backup of the type its instance names (full, diff).
@@ -124,6 +128,14 @@ def _trust(run: Run, side: str, other: Node, other_side: str) -> None:
     if not host_key:
         raise RuntimeError(f"host {other.name} has no {HOST_KEY}: its SSH host key cannot be pinned")
     key_type, key = host_key[0].split()[:2]
+    files.put(
+        name="Make postgres' SSH client trust only the pinned host key, and leave it alone",
+        src=StringIO(SSH_CLIENT_CONFIG),
+        dest=f"{SSH_DIRECTORY}/config",
+        user="postgres",
+        group="postgres",
+        mode="0600",
+    )
     files.put(
         name=f"Pin the {other_side} host's SSH host key",
         src=StringIO(f"{other.address} {key_type} {key}\n"),
