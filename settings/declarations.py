@@ -142,6 +142,12 @@ class Settings:
         "Full backups kept (with their differentials and the WAL to replay them); older ones expire.",
         checks.positive,
     )
+    backup_max_age_hours: int = setting(
+        26,
+        "Alert (BackupTooOld) when the last successful backup, full or differential, is older than this: "
+        "a day between backups, and time for one to run.",
+        checks.positive,
+    )
     backup_archive_timeout_seconds: int = setting(
         60,
         "PostgreSQL switches to a new WAL segment, archived at once, at least this often while it is written: "

@@ -168,6 +168,11 @@ def _topology_problems(inventory: Any, single_server_groups: tuple[str, ...]) ->
                 f"group {group} is empty but {setting} = {value!r} needs it; add a host to {group} "
                 f"or choose another {setting}"
             )
+    if inventory.get_group("backup", []) and not inventory.get_group("postgres", []):
+        problems.append(
+            "group backup has hosts but group postgres has none: the backup host holds PostgreSQL's backups; "
+            "add a postgres host or empty backup"
+        )
     if inventory.get_group("front", []) and not inventory.get_group("web", []):
         problems.append("group front has hosts but group web has none to balance over; add a web host or empty front")
     beat = inventory.get_group("beat", [])

@@ -18,6 +18,7 @@ whenever the configuration changed: a deploy that exits 0 has archiving that wor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from io import StringIO
 
@@ -26,12 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from tasks import peers, postgresql, render, shipped_file
+from tasks.postgresql import PostgresValue
 from tasks.service import Node, Run, Service
 
 STANZA = postgresql.BACKUP_STANZA
@@ -45,10 +48,35 @@ HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
 SSH_CLIENT_CONFIG = "# Managed by the deploy (tasks/backup.py).\nUpdateHostKeys no\nStrictHostKeyChecking yes\n"
 #: What a key from the other side may run: pgBackRest, with the arguments it asked for.
 FORCED_COMMAND = 'command="/usr/bin/pgbackrest ${SSH_ORIGINAL_COMMAND#* }",restrict'
+#: ``pgbackrest info``'s status codes: no stanza yet; a repository it cannot read (codes 2 to 6
+#: say what else it lacks: no backup...).
+MISSING_STANZA = 1
+OTHER_ERROR = 99
+#: The restore drill (templates/backup/stack-restore-drill.j2), on the database host.
+DRILL = "/usr/local/sbin/stack-restore-drill"
+#: The cluster's identity, which pgBackRest's stanza records: a replaced host's differs.
+SYSTEM_ID = "SELECT system_identifier FROM pg_control_system()"
 #: The oneshot unit that takes a backup of the type its instance names (full, diff).
 BACKUP_UNIT = "stack-backup@.service"
 #: The backup types that run on a timer, each with the setting of its calendar.
 SCHEDULES = {"full": "backup_full_calendar", "diff": "backup_diff_calendar"}
+
+
+class BackupStateError(PyinfraError):
+    """What the hosts hold forbids the deploy (a repository it cannot read, a cluster that is
+    not the one backed up): raised while the run is planned, so no host is changed."""
+
+
+class CipherPassDigest(FactBase):
+    """The SHA-256 of the repository passphrase our pgBackRest settings at ``path`` hold, or
+    None when there are none: whether the passphrase changed, without reading it back."""
+
+    def command(self, path: str) -> str:
+        return f"test -f {path} && sed -n 's/^repo1-cipher-pass=//p' {path} | tr -d '\\n' | sha256sum || true"
+
+    def process(self, output: list[str]) -> str | None:
+        text = "\n".join(output).split()
+        return text[0] if text else None
 
 
 class PgbackrestInfo(FactBase):
@@ -59,7 +87,9 @@ class PgbackrestInfo(FactBase):
         return "pgbackrest"
 
     def command(self, stanza: str) -> str:
-        return f"pgbackrest --stanza={stanza} --output=json info 2>/dev/null || true"
+        # Printable ASCII only: a repository read with another passphrase puts the bytes it
+        # could not decrypt into its message, and pyinfra reads output as UTF-8.
+        return f"pgbackrest --stanza={stanza} --output=json info 2>/dev/null | tr -cd '\\11\\12\\40-\\176' || true"
 
     def process(self, output: list[str]) -> dict | None:
         text = "\n".join(output).strip()
@@ -99,51 +129,46 @@ def _trust(run: Run, side: str, other: Node, other_side: str) -> None:
         name="Make postgres' SSH directory", path=SSH_DIRECTORY, user="postgres", group="postgres", mode="0700"
     )
     if host.get_fact(FileContents, path=f"{SSH_DIRECTORY}/id_ed25519.pub") != [public]:
-        files.put(
-            name=f"Install the backup's SSH key of the {side} host",
-            src=StringIO(private),
-            dest=f"{SSH_DIRECTORY}/id_ed25519",
-            user="postgres",
-            group="postgres",
+        _postgres_file(
+            f"Install the backup's SSH key of the {side} host",
+            private,
+            f"{SSH_DIRECTORY}/id_ed25519",
             mode="0600",
         )
-        files.put(
-            name=f"Install the public half of the {side} host's backup SSH key",
-            src=StringIO(public + "\n"),
-            dest=f"{SSH_DIRECTORY}/id_ed25519.pub",
-            user="postgres",
-            group="postgres",
+        _postgres_file(
+            f"Install the public half of the {side} host's backup SSH key",
+            public + "\n",
+            f"{SSH_DIRECTORY}/id_ed25519.pub",
             mode="0644",
         )
     other_public = ssh_key(run.secrets.backup_cipher_pass, other_side)[1]
-    files.put(
-        name=f"Let the {other_side} host run pgBackRest here, and nothing else, over SSH",
-        src=StringIO(f"{FORCED_COMMAND} {other_public}\n"),
-        dest=f"{SSH_DIRECTORY}/authorized_keys",
-        user="postgres",
-        group="postgres",
+    _postgres_file(
+        f"Let the {other_side} host run pgBackRest here, and nothing else, over SSH",
+        f"{FORCED_COMMAND} {other_public}\n",
+        f"{SSH_DIRECTORY}/authorized_keys",
         mode="0600",
     )
     host_key = peers.fact(other.name, FileContents, path=HOST_KEY)
     if not host_key:
-        raise RuntimeError(f"host {other.name} has no {HOST_KEY}: its SSH host key cannot be pinned")
+        raise BackupStateError(f"host {other.name} has no {HOST_KEY}: its SSH host key cannot be pinned")
     key_type, key = host_key[0].split()[:2]
-    files.put(
-        name="Make postgres' SSH client trust only the pinned host key, and leave it alone",
-        src=StringIO(SSH_CLIENT_CONFIG),
-        dest=f"{SSH_DIRECTORY}/config",
-        user="postgres",
-        group="postgres",
+    _postgres_file(
+        "Make postgres' SSH client trust only the pinned host key, and leave it alone",
+        SSH_CLIENT_CONFIG,
+        f"{SSH_DIRECTORY}/config",
         mode="0600",
     )
-    files.put(
-        name=f"Pin the {other_side} host's SSH host key",
-        src=StringIO(f"{other.address} {key_type} {key}\n"),
-        dest=f"{SSH_DIRECTORY}/known_hosts",
-        user="postgres",
-        group="postgres",
+    _postgres_file(
+        f"Pin the {other_side} host's SSH host key",
+        f"{other.address} {key_type} {key}\n",
+        f"{SSH_DIRECTORY}/known_hosts",
         mode="0644",
     )
+
+
+def _postgres_file(name: str, content: str, dest: str, mode: str) -> OperationMeta:
+    """``content`` at ``dest``, owned by postgres (who runs pgBackRest and its SSH)."""
+    return files.put(name=name, src=StringIO(content), dest=dest, user="postgres", group="postgres", mode=mode)
 
 
 @deploy("Backups")
@@ -176,16 +201,94 @@ def backups(run: Run) -> None:
         group="postgres",
         mode="0640",
     )
+    if run.node == database:
+        files.put(
+            name="Install the restore drill (stack-restore-drill)",
+            src=render(
+                "backup/stack-restore-drill.j2",
+                stanza=STANZA,
+                database=database.config.postgresql_database,
+                version=postgresql.version(database),
+                port=database.config.postgresql_port,
+            ),
+            dest=DRILL,
+            mode="0755",
+        )
+    if repository is not None and run.node == database:
+        _restore_if_replaced(run, repository)
     if holds_repository:
         _repository(run, options)
+
+
+def _restore_if_replaced(run: Run, repository: Node) -> None:
+    """Restore the repository's latest state into this host's cluster when the repository backs
+    up a cluster other than this host's, and this one holds no database of ours: the database
+    host was lost and this is its replacement (or a first deploy beside an old repository).
+    A cluster that holds our database and is not the one backed up stops the deploy instead:
+    which of the two to keep is the operator's choice."""
+    info = peers.fact(repository.name, PgbackrestInfo, stanza=STANZA, _sudo=True, _sudo_user="postgres")
+    if not info or not info.get("backup"):
+        return
+    backed_up = str(info["db"][-1]["system-id"])
+    port = run.node.config.postgresql_port
+    ours = host.get_fact(PostgresValue, sql=SYSTEM_ID, port=port, _sudo_user="postgres")
+    if ours == backed_up:
+        return
+    database = run.node.config.postgresql_database
+    if host.get_fact(
+        PostgresValue, sql=f"SELECT 1 FROM pg_database WHERE datname = '{database}'", port=port, _sudo_user="postgres"
+    ):
+        raise BackupStateError(
+            f"host {run.node.name}: its PostgreSQL cluster (system id {ours}) holds the database {database} but is not "
+            f"the cluster the repository on {repository.name} backs up ({backed_up}). To restore the backup over it, "
+            f"stop PostgreSQL and empty {postgresql.data_directory(run.node)}, then deploy again; to keep it and start "
+            f"a new backup history, run `pgbackrest --stanza={STANZA} stanza-upgrade` on {repository.name} (docs/backups.md)."
+        )
+    unit = postgresql.unit(run.node)
+    server.shell(
+        name="Restore the database from the repository: this host replaces a lost one (latest backup, every archived WAL)",
+        commands=[
+            f"systemctl stop {unit}",
+            f"runuser -u postgres -- pgbackrest --stanza={STANZA} --delta --log-level-console=warn restore",
+            f"systemctl start {unit}",
+            # Serving once recovery ends: until then it answers read-only.
+            f'timeout 600 sh -c \'until [ "$(runuser -u postgres -- psql -p {port} -tAc "SELECT pg_is_in_recovery()")" = f ]; '
+            "do sleep 1; done'",
+        ],
+    )
+
+
+def _refuse_a_changed_passphrase(run: Run, info: dict | None) -> None:
+    """Stop the run if the repository was made with another passphrase than the one set now
+    (pgBackRest cannot re-encrypt a repository), or cannot be read at all. Compared by
+    digest, so that no passphrase is ever read back from the host."""
+    configured = host.get_fact(CipherPassDigest, path=CONFIG)
+    changed = configured is not None and configured != _digest(run.secrets.backup_cipher_pass)
+    code = info["status"]["code"] if info else None
+    if changed and code not in (None, MISSING_STANZA, OTHER_ERROR):
+        raise BackupStateError(
+            f"host {run.node.name}: STACK_BACKUP_CIPHER_PASS is not the passphrase the backup repository of stanza "
+            f"{STANZA} was made with, and pgBackRest cannot change it. Set the old passphrase back (docs/backups.md)."
+        )
+    if info is not None and code == OTHER_ERROR and not changed:
+        reasons = [repo["status"].get("message", "") for repo in info.get("repo", [])] or [info["status"]["message"]]
+        raise BackupStateError(
+            f"host {run.node.name}: pgBackRest cannot read the repository of stanza {STANZA} "
+            f"({reasons[0].splitlines()[0]}): was it made with another STACK_BACKUP_CIPHER_PASS? (docs/backups.md)"
+        )
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _repository(run: Run, options: OperationMeta) -> None:
     """On the host that holds the repository: the stanza, the timers, the check, and a first
     full backup when there is none."""
     info = host.get_fact(PgbackrestInfo, stanza=STANZA, _sudo=True, _sudo_user="postgres")
+    _refuse_a_changed_passphrase(run, info)
     changes = [options]
-    if info is None or info["status"]["code"] == 1:
+    if info is None or info["status"]["code"] == MISSING_STANZA:
         changes.append(
             server.shell(
                 name=f"Create the pgBackRest stanza {STANZA} in the repository",

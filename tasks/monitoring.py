@@ -35,13 +35,16 @@ MANAGED = "Managed by the deploy"
 
 def rules_context(config: settings.Settings, workers: int, queues: list[str]) -> dict:
     """What the alert rules and their unit tests are rendered with."""
-    eval_seconds = int(checks.duration_seconds(config.alert_for)) + 900  # past `for` and the 10-minute deriv window
+    alert_for = int(checks.duration_seconds(config.alert_for))
+    eval_seconds = alert_for + 900  # past `for` and the 10-minute deriv window
+    old_backup = eval_seconds - config.backup_max_age_hours * 3600 - alert_for - 60
     return dict(
         alert_for=config.alert_for,
         restart_window=config.alert_restart_window,
         restart_range=f"[{config.alert_restart_window}]",
         backlog=config.queue_backlog_threshold,
         latency=config.alert_latency_seconds,
+        backup_max_age_seconds=config.backup_max_age_hours * 3600,
         requests_range=f"[{silences.REQUESTS_WINDOW}]",
         # Queue names are [\w.-]+ (settings); a dot is the only character to quote, and "[.]"
         # needs no backslash inside the rules' double-quoted YAML strings.
@@ -50,11 +53,30 @@ def rules_context(config: settings.Settings, workers: int, queues: list[str]) ->
         dead_letters=rabbitmq.DEAD_LETTERS,
         app=config.app_name,
         eval_time=f"{eval_seconds}s",
+        eval_seconds=eval_seconds,
         samples=eval_seconds // 15 + 20,
         # The sample, in the rules' unit tests, at which every alert is evaluated.
         eval_sample=eval_seconds // 15,
         backlog_at_eval=150 + 10 * (eval_seconds // 15),
+        # The unit tests' too old backup: past the limit a minute before the alert's `for` began;
+        # its age as the alert says it, from the last rule evaluation (every 15 s) at eval_time.
+        backup_too_old_at=old_backup,
+        backup_age_at_eval=humanize_duration(eval_seconds // 15 * 15 - old_backup),
     )
+
+
+def humanize_duration(seconds: int) -> str:
+    """Whole ``seconds`` as Prometheus' humanizeDuration writes them (its templates' "1d 2h 0m 11s")."""
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes}m {secs}s"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
 
 
 def _sha256(content: StringIO) -> str:

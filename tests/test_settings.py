@@ -197,6 +197,20 @@ def test_application_hosts_switch_in_one_sequence_of_batches():
         validate(FakeInventory(hosts), **GOOD_SECRETS)
 
 
+def test_a_backup_host_needs_a_database_to_back_up_and_one_is_enough():
+    redis_only = dict(celery_broker="redis", celery_result_backend="redis")
+    no_database = FakeInventory(
+        [FakeHost("10.0.0.5", ["redis", "web", "workers", "beat"], **redis_only), FakeHost("10.0.0.7", ["backup"])]
+    )
+    with pytest.raises(settings.SettingsError, match="group backup has hosts but group postgres has none"):
+        validate(no_database, **GOOD_SECRETS)
+
+    settings.validate.cache_clear()
+    two = FakeInventory([*all_in_one(), FakeHost("10.0.0.7", ["backup"]), FakeHost("10.0.0.8", ["backup"])])
+    with pytest.raises(settings.SettingsError, match="group backup has 2 hosts; this deploy runs exactly one backup"):
+        validate(two, **GOOD_SECRETS)
+
+
 @pytest.mark.parametrize("beat_hosts", [0, 2])
 def test_topology_needs_exactly_one_beat(beat_hosts):
     hosts = [FakeHost("10.0.0.5", ["redis", "rabbitmq", "postgres"])]

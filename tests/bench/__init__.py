@@ -277,29 +277,47 @@ class Cluster:
         if wheels:
             wheelhouse = {str(wheels): {"bind": caches.CONTAINER_WHEELHOUSE, "mode": "ro"}}
             options["volumes"] = {**SYSTEMD_RUN_OPTIONS["volumes"], **wheelhouse}
+        self._run_options, self._public_key, self._wheels = options, public_key, wheels
         for name, groups in self.topology.items():
-            container = self.client.containers.run(
-                self.image,
-                name=f"{self.id}-{name}",
-                hostname=name,
-                detach=True,
-                network=self.id,
-                labels={LABEL: self.id, f"{LABEL}.host": name},
-                **options,
-            )
-            self.hosts[name] = Host(name, groups, container)
+            self.hosts[name] = Host(name, groups, self._start_container(name))
         for host in self.hosts.values():
-            self._wait_for_boot(host)
-            self._read_address(host)
-            host.exec(
-                f"install -d -m 700 -o {SSH_USER} -g {SSH_USER} /home/{SSH_USER}/.ssh && "
-                f"echo '{public_key}' > /home/{SSH_USER}/.ssh/authorized_keys && "
-                f"chown {SSH_USER}: /home/{SSH_USER}/.ssh/authorized_keys"
-            )
-            if wheels:
-                host.exec(f"printf '{caches.CONTAINER_PIP_CONF}' > /etc/pip.conf")
+            self._prepare(host)
         self.write_hosts_file()
         return self
+
+    def _start_container(self, name: str) -> docker.models.containers.Container:
+        return self.client.containers.run(
+            self.image,
+            name=f"{self.id}-{name}",
+            hostname=name,
+            detach=True,
+            network=self.id,
+            labels={LABEL: self.id, f"{LABEL}.host": name},
+            **self._run_options,
+        )
+
+    def _prepare(self, host: Host) -> None:
+        """Wait for ``host`` to boot, read its address and let the deploy's SSH key in."""
+        self._wait_for_boot(host)
+        self._read_address(host)
+        host.exec(
+            f"install -d -m 700 -o {SSH_USER} -g {SSH_USER} /home/{SSH_USER}/.ssh && "
+            f"echo '{self._public_key}' > /home/{SSH_USER}/.ssh/authorized_keys && "
+            f"chown {SSH_USER}: /home/{SSH_USER}/.ssh/authorized_keys"
+        )
+        if self._wheels:
+            host.exec(f"printf '{caches.CONTAINER_PIP_CONF}' > /etc/pip.conf")
+
+    def replace(self, host: Host) -> Host:
+        """Lose ``host`` for good (its container and disk removed) and put a new, empty machine
+        of the same name and groups in its place; its address may differ (the hosts file says
+        the new one). The deploy has not run on it."""
+        host.container.remove(force=True, v=True)
+        new = Host(host.name, host.groups, self._start_container(host.name))
+        self.hosts[host.name] = new
+        self._prepare(new)
+        self.write_hosts_file()
+        return new
 
     def attach(self) -> bool:
         """Adopt this cluster's running containers (the sandbox's warm start); False if any is
