@@ -241,8 +241,8 @@ def _restore_if_replaced(run: Run, repository: Node) -> None:
         raise BackupStateError(
             f"host {run.node.name}: its PostgreSQL cluster (system id {ours}) holds the database {database} but is not "
             f"the cluster the repository on {repository.name} backs up ({backed_up}). To restore the backup over it, "
-            f"stop PostgreSQL and empty {postgresql.data_directory(run.node)}, then deploy again; to keep it and start "
-            f"a new backup history, run `pgbackrest --stanza={STANZA} stanza-upgrade` on {repository.name} (docs/backups.md)."
+            f"stop PostgreSQL and empty {postgresql.data_directory(run.node)}, then deploy again; to keep it, move the "
+            f"repository on {repository.name} aside and deploy again, which starts a new one (docs/backups.md)."
         )
     unit = postgresql.unit(run.node)
     server.shell(
