@@ -209,6 +209,9 @@ def expected_secret_files(cluster: Cluster, host) -> dict[str, tuple[str, str, s
         files[f"/etc/{APP}/app.env"] = ("640", "root", APP)
     if "beat" in host.groups and monitored:
         files[f"/etc/{APP}/flower.env"] = ("640", "root", APP)
+    # The backup repository's passphrase, where the repository is (tasks/backup.py).
+    if "backup" in host.groups or ("postgres" in host.groups and not cluster.by_group("backup")):
+        files["/etc/pgbackrest/conf.d/50-stack.conf"] = ("640", "postgres", "postgres")
     return files
 
 
